@@ -1,0 +1,3 @@
+from voxrelay.cli.main import main
+
+main()
