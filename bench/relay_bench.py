@@ -1,0 +1,929 @@
+"""``voxrelay bench relay``: the relay worker against a naive Python forwarder, same run.
+
+What it measures, for a real voxrelay fleet (started with ``voxrelay up --detach`` from a
+generated config, the sink registered as its only transceiver, routes created by real
+STUN binding requests carrying valid routing tokens) and for the naive forwarder of
+bench/naive_forwarder.py:
+
+- flat out: the clients flood the forwarder (faster than one worker can forward); we
+  report forwarded packets/s at the sink, and CPU microseconds per forwarded packet:
+  the forwarder processes' own CPU time (user + system, read from /proc with psutil) over
+  the packets they sent on;
+- at a fixed moderate rate (default 20,000 probes/s, evenly paced, every probe echoed
+  by the sink): CPU per forwarded packet (probes and echoes both count), and the round
+  trip time p50/p99, from which the RTT of direct client <-> sink echoes, sent by the
+  same load process during the same phase, is subtracted to give the added latency (a
+  baseline measured at another moment would carry another moment's noise).
+
+Phases alternate between the two forwarders (``--repeat`` rounds, the order flipped
+every round, medians reported) so drift on a shared machine hits both alike. The
+ratios voxrelay / naive of CPU per packet are compared with the targets (0.75 flat out,
+1.2 at the fixed rate) and reported with pass flags; nothing asserts them.
+
+With ``--workers`` smaller than the usable CPUs, forwarders are pinned to the last CPUs
+and the load generator and sink to the others, so a forwarder has a core of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import secrets
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import click
+import psutil
+
+from voxrelay.bench.loadgen import (
+    MAX_DATAGRAM,
+    MIN_DATAGRAM,
+    SOCKET_BUFFER_BYTES,
+    ClientsProcess,
+    LoadgenError,
+    SinkProcess,
+    clients_process,
+)
+from voxrelay.bench.naive_forwarder import NaiveForwarderProcess
+from voxrelay.bench.plot import PlotError, grouped_bars, pyplot, save_figure, target_marker
+from voxrelay.proto.token import mint_token
+
+TARGET_FLAT_OUT = 0.75  # voxrelay / naive CPU per packet, flat out: at most
+TARGET_FIXED_RATE = 1.2  # ... and at the fixed moderate rate
+CLUSTER_ID = 1
+TRANSCEIVER_ID = 1
+FORWARDED = ("tx_internal", "tx_public")
+FORWARDER_COUNTERS = ("rx_public", "tx_internal", "rx_internal", "tx_public")
+
+
+class BenchError(Exception):
+    """The benchmark cannot run or lost a process mid-run; the message says which."""
+
+
+# -- settings and CPU placement -------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Which CPUs the forwarders and the load (clients + sink) may run on; None: anywhere."""
+
+    forwarder_cpus: list[int] | None
+    load_cpus: list[int] | None
+
+    @classmethod
+    def plan(cls, workers: int, pin: bool) -> Placement:
+        cpus = sorted(os.sched_getaffinity(0))
+        if not pin or len(cpus) <= workers:
+            return cls(None, None)
+        return cls(cpus[-workers:], cpus[:-workers])
+
+    def forwarder_cpu(self, index: int) -> list[int] | None:
+        if not self.forwarder_cpus:
+            return None
+        return [self.forwarder_cpus[index % len(self.forwarder_cpus)]]
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    duration: float
+    rate: float
+    clients: int
+    size: int
+    workers: int
+    repeat: int
+    placement: Placement
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "duration_s": self.duration,
+            "rate_pps": self.rate,
+            "clients": self.clients,
+            "size_bytes": self.size,
+            "workers": self.workers,
+            "repeat": self.repeat,
+            "forwarder_cpus": self.placement.forwarder_cpus,
+            "load_cpus": self.placement.load_cpus,
+            "socket_buffer_bytes": SOCKET_BUFFER_BYTES,
+        }
+
+
+# -- the forwarders under test ------------------------------------------------------------------
+
+
+class Forwarder(Protocol):
+    name: str
+
+    @property
+    def address(self) -> tuple[str, int]: ...
+
+    def pids(self) -> list[int]: ...
+
+    def counters(self) -> dict[str, int]: ...
+
+    def close(self) -> None: ...
+
+
+class VoxrelayFleet:
+    """A real fleet, started and stopped through the CLI like an operator would."""
+
+    name = "voxrelay"
+
+    def __init__(
+        self, workdir: Path, transceiver: tuple[str, int], settings: BenchSettings
+    ) -> None:
+        self.secret = secrets.token_bytes(32)
+        self.config_path = workdir / "fleet.toml"
+        self.runtime_dir = workdir / "run"
+        self.state: dict[str, Any] = {}
+        self._pids: list[int] = []
+        pins = settings.placement.forwarder_cpus
+        lines = [
+            "[fleet]",
+            f'name = "bench{secrets.token_hex(4)}"',
+            f"cluster_id = {CLUSTER_ID}",
+            f"runtime_dir = {json.dumps(str(self.runtime_dir))}",  # a JSON string is TOML
+            'log_level = "warning"',
+            "[secrets]",
+            f'token_secrets = ["hex:{self.secret.hex()}"]',
+            "[relay]",
+            'bind = "127.0.0.1"',
+            "port = 0",
+            f"workers = {settings.workers}",
+            f"table_capacity = {max(4 * settings.clients * settings.repeat, 1024)}",
+            "idle_timeout = 3600",
+            "drain_seconds = 0",
+            f"recv_buffer_bytes = {SOCKET_BUFFER_BYTES}",
+            f"send_buffer_bytes = {SOCKET_BUFFER_BYTES}",
+            f"pin_cpus = {json.dumps(pins) if pins else 'false'}",
+            "[transceiver]",
+            "count = 0",  # the sink is the transceiver
+            "[metrics]",
+            'bind = "127.0.0.1"',
+            "port = 0",
+            "[[transceivers.static]]",
+            f"id = {TRANSCEIVER_ID}",
+            f'address = "{transceiver[0]}:{transceiver[1]}"',
+        ]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def _cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
+        command = ["voxrelay", *args, "--config", str(self.config_path)]
+        try:
+            return subprocess.run(
+                [sys.executable, "-m", *command],
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired:
+            raise BenchError(
+                f"`{' '.join(command)}` did not finish within {timeout:g} s\n{self.log_tail()}"
+            ) from None
+
+    def start(self, timeout: float = 30.0) -> None:
+        from voxrelay.engine.supervisor import read_state
+
+        result = self._cli("up", "--detach", timeout=timeout + 10)
+        if result.returncode != 0:
+            raise BenchError(
+                f"`voxrelay up --detach` failed ({result.returncode}): "
+                f"{(result.stderr or result.stdout).strip()}\n{self.log_tail()}"
+            )
+        self.state = read_state(self.runtime_dir) or {}
+        if not self.state.get("control_url"):
+            raise BenchError(f"the fleet started without a status endpoint\n{self.log_tail()}")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            workers = self.status()["relay"]["workers"]
+            if workers and all(w["state"] == "running" and w["pid"] for w in workers):
+                self._pids = [int(w["pid"]) for w in workers]
+                return
+            time.sleep(0.05)
+        raise BenchError(f"relay workers not running after {timeout:g} s\n{self.log_tail()}")
+
+    def status(self) -> dict[str, Any]:
+        try:
+            with urllib.request.urlopen(self.state["control_url"] + "/status", timeout=5) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise BenchError(f"the fleet's /status does not answer: {exc}") from exc
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", int(self.state["public_port"]))
+
+    def token(self) -> str:
+        return mint_token(self.secret, CLUSTER_ID, TRANSCEIVER_ID)
+
+    def pids(self) -> list[int]:
+        return list(self._pids)
+
+    def counters(self) -> dict[str, int]:
+        totals = dict.fromkeys(FORWARDER_COUNTERS, 0)
+        totals["drops"] = 0
+        for worker in self.status()["relay"]["workers"]:
+            if worker["pid"] not in self._pids:
+                raise BenchError(
+                    f"relay worker {worker['index']} was restarted mid-run (pid "
+                    f"{worker['pid']}, was one of {self._pids}); see {self.log_path}"
+                )
+            for name in FORWARDER_COUNTERS:
+                totals[name] += worker["counters"][name]
+            totals["drops"] += sum(worker["drops"].values())
+        return totals
+
+    @property
+    def log_path(self) -> Path:
+        return self.runtime_dir / "voxrelay.log"
+
+    def log_tail(self, lines: int = 15) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def close(self) -> None:
+        """`voxrelay down --now`; kill whatever is left if the CLI could not stop it."""
+        from voxrelay.engine.supervisor import read_state
+
+        state = self.state or read_state(self.runtime_dir)  # `up` may have failed half way
+        if not state:
+            return
+        with contextlib.suppress(BenchError, OSError):
+            self._cli("down", "--now", "--timeout", "10", timeout=20)
+        for pid in [int(state.get("pid", 0)), *self._pids]:
+            if pid <= 0:
+                continue
+            with contextlib.suppress(psutil.Error):
+                process = psutil.Process(pid)
+                if "voxrelay" in " ".join(process.cmdline()):  # still ours, not a reused pid
+                    process.kill()
+                    process.wait(3)
+        self.state = {}
+
+    @property
+    def supervisor_pid(self) -> int:
+        return int(self.state.get("pid", 0))
+
+
+class NaiveFleet:
+    """``workers`` naive forwarder processes on one public port (SO_REUSEPORT when > 1)."""
+
+    name = "naive"
+
+    def __init__(
+        self, workdir: Path, transceiver: tuple[str, int], settings: BenchSettings
+    ) -> None:
+        self.processes: list[NaiveForwarderProcess] = []
+        reuse = settings.workers > 1
+        try:
+            port = 0
+            for index in range(settings.workers):
+                process = NaiveForwarderProcess(
+                    workdir,
+                    index,
+                    port,
+                    transceiver,
+                    reuse_port=reuse,
+                    cpus=settings.placement.forwarder_cpu(index),
+                )
+                self.processes.append(process)
+                port = process.port
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.processes[0].port)
+
+    def pids(self) -> list[int]:
+        return [p.pid for p in self.processes]
+
+    def counters(self) -> dict[str, int]:
+        totals = dict.fromkeys((*FORWARDER_COUNTERS, "drops"), 0)
+        for process in self.processes:
+            if process.process.poll() is not None:
+                raise BenchError(
+                    f"naive forwarder pid {process.pid} exited with status "
+                    f"{process.process.returncode}"
+                )
+            for name, value in process.read().items():
+                if name in totals:
+                    totals[name] += value
+        return totals
+
+    def close(self) -> None:
+        for process in self.processes:
+            process.close()
+        self.processes = []
+
+
+# -- measuring ------------------------------------------------------------------------------------
+
+
+def cpu_seconds(pids: Sequence[int]) -> float:
+    """User + system CPU time of these processes, as the kernel accounts it."""
+    total = 0.0
+    for pid in pids:
+        try:
+            times = psutil.Process(pid).cpu_times()
+        except psutil.Error as exc:
+            raise BenchError(f"cannot read the CPU time of forwarder pid {pid}: {exc}") from exc
+        total += times.user + times.system
+    return total
+
+
+@dataclass
+class Snapshot:
+    """Forwarder CPU seconds, forwarder counters and sink counters at one instant (or a delta)."""
+
+    cpu: float
+    counters: dict[str, int]
+    sink: dict[str, int]
+
+    @classmethod
+    def take(cls, forwarder: Forwarder | None, sink: SinkProcess) -> Snapshot:
+        if forwarder is None:
+            return cls(0.0, {}, sink.read())
+        return cls(cpu_seconds(forwarder.pids()), forwarder.counters(), sink.read())
+
+    def since(self, before: Snapshot) -> Snapshot:
+        return Snapshot(
+            self.cpu - before.cpu,
+            {k: v - before.counters.get(k, 0) for k, v in self.counters.items()},
+            {k: v - before.sink.get(k, 0) for k, v in self.sink.items()},
+        )
+
+    @property
+    def forwarded(self) -> int:
+        return sum(self.counters.get(name, 0) for name in FORWARDED)
+
+
+def settle(forwarder: Forwarder | None, sink: SinkProcess, timeout: float = 3.0) -> Snapshot:
+    """Snapshot once the forwarder's queues have drained (its counters stop moving)."""
+    previous = None
+    deadline = time.monotonic() + timeout
+    while True:
+        time.sleep(0.1)
+        current = Snapshot.take(forwarder, sink)
+        key = (current.forwarded, current.sink.get("relayed"), current.sink.get("echoed"))
+        if key == previous or time.monotonic() >= deadline:
+            return current
+        previous = key
+
+
+def _per_packet_us(cpu: float, packets: int) -> float | None:
+    return cpu * 1e6 / packets if packets > 0 else None
+
+
+def measure_flat_out(
+    forwarder: Forwarder, sink: SinkProcess, clients: ClientsProcess, duration: float
+) -> dict[str, Any]:
+    before = settle(forwarder, sink, timeout=1.0)
+    load = clients.flood(duration)
+    delta = settle(forwarder, sink).since(before)
+    elapsed, sent = load["elapsed_s"], load["sent"]
+    at_sink = delta.sink["relayed"]
+    read = delta.counters["rx_public"]
+    return {
+        "offered_pps": sent / elapsed,
+        "forwarded_pps": at_sink / elapsed,
+        "forwarder_tx_pps": delta.forwarded / elapsed,
+        "cpu_us_per_packet": _per_packet_us(delta.cpu, delta.forwarded),
+        "forwarder_cpu_s": delta.cpu,
+        "forwarder_cpu_share": delta.cpu / elapsed,
+        "loss": 1 - at_sink / sent if sent else None,
+        # Packets the kernel dropped at the forwarder's public socket: it was saturated.
+        "saturated": read < 0.98 * sent,
+        "forwarder_drops": delta.counters.get("drops", 0),
+        "generator": {
+            "sent": sent,
+            "elapsed_s": elapsed,
+            "cpu_us_per_packet": _per_packet_us(load["cpu_s"], sent),
+            "gso_segments": load["gso_segments"],
+        },
+    }
+
+
+RTT_KEYS = ("p50", "p90", "p99", "p999", "max", "mean")
+
+
+def measure_fixed_rate(
+    forwarder: Forwarder,
+    sink: SinkProcess,
+    clients: ClientsProcess,
+    duration: float,
+    rate: float,
+) -> dict[str, Any]:
+    """Paced probes through ``forwarder``, and the direct baseline probes in the same phase."""
+    before = settle(forwarder, sink, timeout=1.0)
+    load = clients.paced(duration, rate)
+    delta = settle(forwarder, sink).since(before)
+    elapsed, sent = load["elapsed_s"], load["sent"]
+    rtt = {key: load["rtt_us"][key] for key in RTT_KEYS}
+    direct = load["direct"]
+    direct_rtt = {key: direct["rtt_us"][key] for key in RTT_KEYS}
+    return {
+        "rate_pps": sent / elapsed,
+        "forwarded_pps": delta.forwarded / elapsed,
+        "cpu_us_per_packet": _per_packet_us(delta.cpu, delta.forwarded),
+        "forwarder_cpu_s": delta.cpu,
+        "forwarder_drops": delta.counters.get("drops", 0),
+        "rtt_us": rtt,
+        "loss": 1 - load["received"] / sent if sent else None,
+        "direct_rtt_us": direct_rtt,
+        "direct_loss": 1 - direct["received"] / direct["sent"] if direct["sent"] else None,
+        "added_latency_us": {key: rtt[key] - direct_rtt[key] for key in ("p50", "p99")},
+        "late_sends": load["late"],
+        "generator": {
+            "sent": sent,
+            "received": load["received"],
+            "direct_sent": direct["sent"],
+            "elapsed_s": elapsed,
+            "cpu_s": load["cpu_s"],
+        },
+    }
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Progress:
+    total: int
+    done: int = 0
+    echo: Callable[[str], None] = click.echo
+
+    def phase(self, text: str) -> None:
+        self.done += 1
+        self.echo(f"[{self.done}/{self.total}] {text}")
+
+
+def _describe_flat(name: str, result: dict[str, Any]) -> str:
+    return (
+        f"{name} flat out: {result['forwarded_pps']:,.0f} pkt/s at the sink, "
+        f"{_fmt(result['cpu_us_per_packet'], '.2f')} µs CPU/pkt "
+        f"(offered {result['offered_pps']:,.0f} pkt/s)"
+    )
+
+
+def _describe_rate(name: str, result: dict[str, Any]) -> str:
+    rtt, direct = result["rtt_us"], result["direct_rtt_us"]
+    return (
+        f"{name} at {result['rate_pps']:,.0f} pkt/s: RTT p50 {rtt['p50']:.0f} µs p99 "
+        f"{rtt['p99']:.0f} µs (direct {direct['p50']:.0f} / {direct['p99']:.0f} µs), "
+        f"{_fmt(result['cpu_us_per_packet'], '.2f')} µs CPU/pkt, loss {result['loss']:.2%}"
+    )
+
+
+def run_round(
+    index: int,
+    forwarders: Sequence[Forwarder],
+    sink: SinkProcess,
+    settings: BenchSettings,
+    token: Callable[[], str],
+    progress: Progress,
+) -> dict[str, Any]:
+    """One round: flat out, then the fixed rate, through each forwarder in turn."""
+    order = list(forwarders) if index % 2 == 0 else list(reversed(forwarders))
+    results: dict[str, Any] = {"order": [f.name for f in order]}
+    for forwarder in order:
+        with clients_process(
+            forwarder.address,
+            settings.clients,
+            settings.size,
+            settings.placement.load_cpus,
+            direct=sink.address,
+        ) as clients:
+            clients.establish(token())
+            flat = measure_flat_out(forwarder, sink, clients, settings.duration)
+            progress.phase(_describe_flat(forwarder.name, flat))
+            fixed = measure_fixed_rate(forwarder, sink, clients, settings.duration, settings.rate)
+            progress.phase(_describe_rate(forwarder.name, fixed))
+        results[forwarder.name] = {"flat_out": flat, "fixed_rate": fixed}
+    return results
+
+
+def _median_tree(items: Sequence[Any]) -> Any:
+    """Element-wise median of same-shaped results (numbers: median; flags: all; else first)."""
+    first = items[0]
+    if isinstance(first, dict):
+        return {key: _median_tree([item[key] for item in items]) for key in first}
+    if isinstance(first, bool):
+        return all(items)
+    if isinstance(first, int | float):
+        numbers = [item for item in items if item is not None]
+        return statistics.median(numbers) if numbers else None
+    if first is None:
+        numbers = [item for item in items if isinstance(item, int | float)]
+        return statistics.median(numbers) if numbers else None
+    return first
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or not denominator:
+        return None
+    return numerator / denominator
+
+
+def ratios(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """voxrelay / naive per round (rounds pair the two under the same conditions), median."""
+
+    def median_ratio(phase: str, metric: str) -> float | None:
+        values = [_ratio(r["voxrelay"][phase][metric], r["naive"][phase][metric]) for r in rounds]
+        values = [v for v in values if v is not None]
+        return statistics.median(values) if values else None
+
+    flat = median_ratio("flat_out", "cpu_us_per_packet")
+    fixed = median_ratio("fixed_rate", "cpu_us_per_packet")
+    return {
+        "cpu_per_packet_flat_out": {
+            "voxrelay_over_naive": flat,
+            "target_max": TARGET_FLAT_OUT,
+            "pass": flat is not None and flat <= TARGET_FLAT_OUT,
+        },
+        "cpu_per_packet_fixed_rate": {
+            "voxrelay_over_naive": fixed,
+            "target_max": TARGET_FIXED_RATE,
+            "pass": fixed is not None and fixed <= TARGET_FIXED_RATE,
+        },
+        "forwarded_pps_flat_out": {
+            "voxrelay_over_naive": median_ratio("flat_out", "forwarded_pps"),
+        },
+    }
+
+
+@dataclass
+class Report:
+    settings: BenchSettings
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        from voxrelay import __version__
+
+        summary = {
+            name: _median_tree([r[name] for r in self.rounds]) for name in ("voxrelay", "naive")
+        }
+        baselines = [r[name]["fixed_rate"] for r in self.rounds for name in ("voxrelay", "naive")]
+        summary["direct"] = {
+            "fixed_rate": {
+                "rtt_us": _median_tree([b["direct_rtt_us"] for b in baselines]),
+                "loss": _median_tree([b["direct_loss"] for b in baselines]),
+            }
+        }
+        return {
+            "benchmark": "voxrelay bench relay",
+            "schema_version": 1,
+            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+            "voxrelay_version": __version__,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "usable_cpus": len(os.sched_getaffinity(0)),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "load_average": list(os.getloadavg()),
+            },
+            "settings": self.settings.as_dict(),
+            "summary": summary,
+            "ratios": ratios(self.rounds),
+            "rounds": self.rounds,
+            "notes": [
+                "cpu_us_per_packet: the forwarder processes' user+system CPU time over the "
+                "packets they forwarded (both directions); summary values are medians over "
+                "rounds, ratios are medians of per-round ratios.",
+                "fixed_rate: every probe is echoed by the sink, so each probe is forwarded "
+                "twice; a tenth as many probes go straight to the sink in the same phase, and "
+                "added_latency_us = forwarder RTT percentile - that direct RTT percentile; "
+                "summary.direct is the median of those baselines.",
+                "flat_out: the generator offers more than a worker can take; loss is mostly "
+                "the kernel dropping at the forwarder's full socket, by design.",
+            ],
+        }
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def render_table(data: dict[str, Any]) -> str:
+    s, summary, ratio = data["settings"], data["summary"], data["ratios"]
+    vox, naive, direct = summary["voxrelay"], summary["naive"], summary["direct"]
+    rate = f"{s['rate_pps']:,.0f} pkt/s"
+
+    def row(label: str, v: str, n: str, r: str = "", target: str = "", verdict: str = "") -> str:
+        return f"{label:<34}{v:>14}{n:>14}{r:>9}{target:>9}  {verdict}".rstrip()
+
+    def verdict(entry: dict[str, Any]) -> str:
+        if entry["voxrelay_over_naive"] is None:
+            return "n/a"
+        return "PASS" if entry["pass"] else "MISS"
+
+    def latency(entry: dict[str, Any], key: str) -> str:
+        values = entry[key]
+        return f"{values['p50']:.0f} / {values['p99']:.0f}"
+
+    flat_r, fixed_r = ratio["cpu_per_packet_flat_out"], ratio["cpu_per_packet_fixed_rate"]
+    pps_r = ratio["forwarded_pps_flat_out"]["voxrelay_over_naive"]
+    lines = [
+        f"voxrelay bench relay: {s['workers']} worker(s), {s['clients']} clients, "
+        f"{s['size_bytes']}-byte datagrams, {s['duration_s']:g} s phases, "
+        f"median of {s['repeat']} round(s)",
+        row("", "voxrelay", "naive", "ratio", "target"),
+        row(
+            "CPU µs/packet, flat out",
+            _fmt(vox["flat_out"]["cpu_us_per_packet"], ".2f"),
+            _fmt(naive["flat_out"]["cpu_us_per_packet"], ".2f"),
+            _fmt(flat_r["voxrelay_over_naive"], ".2f") + "x",
+            f"<={TARGET_FLAT_OUT:.2f}x",
+            verdict(flat_r),
+        ),
+        row(
+            f"CPU µs/packet, {rate}",
+            _fmt(vox["fixed_rate"]["cpu_us_per_packet"], ".2f"),
+            _fmt(naive["fixed_rate"]["cpu_us_per_packet"], ".2f"),
+            _fmt(fixed_r["voxrelay_over_naive"], ".2f") + "x",
+            f"<={TARGET_FIXED_RATE:.2f}x",
+            verdict(fixed_r),
+        ),
+        row(
+            "forwarded pkt/s, flat out",
+            f"{vox['flat_out']['forwarded_pps']:,.0f}",
+            f"{naive['flat_out']['forwarded_pps']:,.0f}",
+            _fmt(pps_r, ".2f") + "x",
+        ),
+        row(
+            "forwarder CPU share, flat out",
+            f"{vox['flat_out']['forwarder_cpu_share']:.2f}",
+            f"{naive['flat_out']['forwarder_cpu_share']:.2f}",
+        ),
+        row(
+            "loss, flat out (offered > capacity)",
+            _fmt(vox["flat_out"]["loss"], ".1%"),
+            _fmt(naive["flat_out"]["loss"], ".1%"),
+        ),
+        row(
+            f"RTT p50 / p99 µs, {rate}",
+            latency(vox["fixed_rate"], "rtt_us"),
+            latency(naive["fixed_rate"], "rtt_us"),
+        )
+        + f"   direct {latency(direct['fixed_rate'], 'rtt_us')}",
+        row(
+            "added latency p50 / p99 µs",
+            latency(vox["fixed_rate"], "added_latency_us"),
+            latency(naive["fixed_rate"], "added_latency_us"),
+        ),
+        row(
+            f"loss, {rate}",
+            _fmt(vox["fixed_rate"]["loss"], ".2%"),
+            _fmt(naive["fixed_rate"]["loss"], ".2%"),
+        ),
+    ]
+    generator = vox["flat_out"]["generator"]
+    lines.append(
+        f"generator, flat out: {vox['flat_out']['offered_pps']:,.0f} pkt/s offered at "
+        f"{_fmt(generator['cpu_us_per_packet'], '.2f')} µs CPU/pkt "
+        f"(sendmmsg, UDP GSO x{generator['gso_segments']:.0f})"
+    )
+    return "\n".join(lines)
+
+
+def plot_report(data: dict[str, Any], path: Path) -> Path:
+    """relay.png: CPU per packet (with targets), packets/s, RTT and added latency."""
+    plt = pyplot()
+    summary, ratio, s = data["summary"], data["ratios"], data["settings"]
+    vox, naive, direct = summary["voxrelay"], summary["naive"], summary["direct"]
+    rate = f"{s['rate_pps'] / 1000:g}k pkt/s"
+    figure, axes = plt.subplots(2, 2, figsize=(11, 8))
+    figure.suptitle(
+        f"voxrelay bench relay - {s['workers']} worker(s), {s['clients']} clients, "
+        f"{s['size_bytes']} B datagrams, median of {s['repeat']}",
+        fontsize=11,
+    )
+    cpu_axes = axes[0][0]
+    placed = grouped_bars(
+        cpu_axes,
+        ["flat out", rate],
+        {
+            "voxrelay": [
+                vox["flat_out"]["cpu_us_per_packet"],
+                vox["fixed_rate"]["cpu_us_per_packet"],
+            ],
+            "naive": [
+                naive["flat_out"]["cpu_us_per_packet"],
+                naive["fixed_rate"]["cpu_us_per_packet"],
+            ],
+        },
+        title="Forwarder CPU per forwarded packet (lower is better)",
+        ylabel="µs",
+        value_format="{:.2f}",
+    )
+    for group, (phase, key) in enumerate(
+        (("flat_out", "cpu_per_packet_flat_out"), ("fixed_rate", "cpu_per_packet_fixed_rate"))
+    ):
+        baseline = naive[phase]["cpu_us_per_packet"]
+        if baseline is None:
+            continue
+        target = ratio[key]["target_max"]
+        centre, width = placed["voxrelay"][group]
+        target_marker(
+            cpu_axes,
+            centre,
+            width,
+            baseline * target,
+            f"target {target:g}x naive",
+            bar_height=vox[phase]["cpu_us_per_packet"],
+            passed=ratio[key]["pass"],
+        )
+    cpu_axes.legend(fontsize=8)
+    grouped_bars(
+        axes[0][1],
+        ["flat out"],
+        {
+            "voxrelay": [vox["flat_out"]["forwarded_pps"]],
+            "naive": [naive["flat_out"]["forwarded_pps"]],
+        },
+        title="Forwarded packets/s at the sink (higher is better)",
+        ylabel="packets/s",
+        value_format="{:,.0f}",
+    )
+    grouped_bars(
+        axes[1][0],
+        ["p50", "p99"],
+        {
+            name: [entry["fixed_rate"]["rtt_us"]["p50"], entry["fixed_rate"]["rtt_us"]["p99"]]
+            for name, entry in (("voxrelay", vox), ("naive", naive), ("direct", direct))
+        },
+        title=f"Round trip time at {rate}",
+        ylabel="µs",
+        value_format="{:.0f}",
+    )
+    axes[1][0].legend(fontsize=8)
+    grouped_bars(
+        axes[1][1],
+        ["p50", "p99"],
+        {
+            name: [
+                entry["fixed_rate"]["added_latency_us"]["p50"],
+                entry["fixed_rate"]["added_latency_us"]["p99"],
+            ]
+            for name, entry in (("voxrelay", vox), ("naive", naive))
+        },
+        title=f"Added latency vs direct echo at {rate}",
+        ylabel="µs",
+        value_format="{:.0f}",
+    )
+    return save_figure(figure, path)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """SIGTERM unwinds like Ctrl-C, so every process gets cleaned up by the finally blocks."""
+
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def run_benchmark(settings: BenchSettings, out: Path) -> dict[str, Any]:
+    """Start everything, run the rounds, write relay.json and relay.png; returns the data."""
+    progress = Progress(total=settings.repeat * 4)
+    report = Report(settings)
+    with contextlib.ExitStack() as stack, _terminate_as_interrupt():
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="voxrelay-bench-")))
+        sink = SinkProcess(workdir, settings.placement.load_cpus)
+        stack.callback(sink.close)
+        fleet = VoxrelayFleet(workdir, sink.address, settings)
+        stack.callback(fleet.close)
+        fleet.start()
+        naive = NaiveFleet(workdir, sink.address, settings)
+        stack.callback(naive.close)
+        click.echo(
+            f"voxrelay fleet pid {fleet.supervisor_pid} at port {fleet.address[1]} (workers "
+            f"{fleet.pids()}), naive at port {naive.address[1]} (pids {naive.pids()}), sink "
+            f"pid {sink.process.pid} at port {sink.port}; "
+            f"forwarder CPUs {settings.placement.forwarder_cpus or 'any'}, load CPUs "
+            f"{settings.placement.load_cpus or 'any'}"
+        )
+        for index in range(settings.repeat):
+            report.rounds.append(
+                run_round(index, [fleet, naive], sink, settings, fleet.token, progress)
+            )
+    data = report.to_dict()
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "relay.json").write_text(json.dumps(data, indent=2) + "\n")
+    plot_report(data, out / "relay.png")
+    return data
+
+
+@click.command("relay")
+@click.option(
+    "--duration",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0.2, 600),
+    help="Seconds per phase.",
+)
+@click.option(
+    "--rate",
+    default=20_000.0,
+    show_default=True,
+    type=click.FloatRange(100, 200_000),
+    help="Probes/s (total over all clients) for the latency and light-load phase.",
+)
+@click.option(
+    "--clients",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1, 4096),
+    help="Client source ports (one UDP socket each).",
+)
+@click.option(
+    "--size",
+    default=100,
+    show_default=True,
+    type=click.IntRange(MIN_DATAGRAM, MAX_DATAGRAM),
+    help="Datagram size in bytes.",
+)
+@click.option(
+    "--workers",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 64),
+    help="Relay workers (and naive forwarder processes on a SO_REUSEPORT port).",
+)
+@click.option(
+    "--repeat",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 100),
+    help="Rounds, alternating the order of voxrelay and naive; medians reported.",
+)
+@click.option(
+    "--pin/--no-pin",
+    default=True,
+    show_default=True,
+    help="Pin forwarders to their own CPUs, load and sink to the rest.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default="bench-out/relay",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Directory for relay.json and relay.png.",
+)
+def relay_bench_command(
+    duration: float,
+    rate: float,
+    clients: int,
+    size: int,
+    workers: int,
+    repeat: int,
+    pin: bool,
+    out_dir: str,
+) -> None:
+    """Forwarding cost and latency of the relay worker beside a naive Python forwarder.
+
+    Reports forwarded packets/s flat out, forwarder CPU µs per packet flat out and at
+    --rate, and added latency p50/p99 at --rate, for voxrelay and for a naive
+    recvfrom_into/dict/sendto forwarder measured in the same run. Writes relay.json
+    and relay.png to --out.
+    """
+    settings = BenchSettings(
+        duration=duration,
+        rate=rate,
+        clients=clients,
+        size=size,
+        workers=workers,
+        repeat=repeat,
+        placement=Placement.plan(workers, pin),
+    )
+    out = Path(out_dir)
+    try:
+        data = run_benchmark(settings, out)
+    except (BenchError, LoadgenError, PlotError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except KeyboardInterrupt:
+        click.echo("interrupted; all benchmark processes stopped", err=True)
+        sys.exit(130)
+    click.echo(render_table(data))
+    click.echo(f"wrote {out / 'relay.json'} and {out / 'relay.png'}")

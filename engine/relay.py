@@ -1,0 +1,769 @@
+"""Relay worker: the hot loop that forwards client datagrams to transceivers and back.
+
+One process per worker; every worker binds its own socket to the public port with
+SO_REUSEPORT, so the kernel spreads clients over workers. The worker keeps no session state:
+routes live in the shared-memory routing table (engine/routing.py), so a worker killed at any
+moment loses nothing and its replacement picks the flows up at the next packet.
+
+Why the loop looks the way it does: syscalls dominate the cost of a Python forwarder, so it
+reads and writes batches with recvmmsg/sendmmsg through ctypes over arrays preallocated at
+start (mmsghdr, iovec, sockaddr and payload buffers). Per packet it reads the source
+sockaddr's first word, probes one dict (a local cache validated against the slot's seqlock
+word in shared memory), and fills three or four words of the outgoing mmsghdr/iovec arrays.
+The relay header sent to a transceiver is not built per packet: an iovec points straight at
+the route key stored in the shared slot, which *is* the header. No buffer objects are created
+per packet, nothing is logged per packet, and Redis is never called from the loop (recovery
+lookups are handed to a background thread).
+
+Miss path (the first packet of a flow, rare): a STUN binding request whose USERNAME carries
+a valid routing token creates the route; anything else is dropped and counted by reason.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+
+import orjson
+
+from voxrelay.engine import _atomics
+from voxrelay.engine.fleetstate import (
+    COUNTER_NAMES,
+    D_ADDR_HI,
+    D_ADDR_LO,
+    D_FAMILY,
+    D_PORT,
+    D_SEQ,
+    D_STATE,
+    DIRECTORY_ENTRIES,
+    DROP_REASONS,
+    ENTRY_SIZE,
+    TRANSCEIVER_HEALTHY,
+    W_CPU,
+    W_CPU_TIME_US,
+    W_DROPS,
+    W_HEARTBEAT_MS,
+    W_INTERNAL_PORT,
+    W_PID,
+    W_RCVBUF,
+    W_SNDBUF,
+    W_STARTED_MS,
+    W_STATE,
+    WORKER_DRAINING,
+    WORKER_EXITED,
+    WORKER_RUNNING,
+    WORKER_STARTING,
+    FleetState,
+)
+from voxrelay.engine.routing import SLOT_KEY, SLOT_LAST_SEEN, SLOT_SEQ, RoutingTable, TableFull
+from voxrelay.proto.errors import ProtocolError
+from voxrelay.proto.relay_header import HEADER_SIZE
+from voxrelay.proto.stun import is_stun, server_ufrag
+from voxrelay.proto.token import TokenError, TokenVerifier, WrongClusterError
+
+MMSGHDR_SIZE = 64  # struct mmsghdr on 64-bit Linux: msghdr (56) + msg_len (4) + padding
+IOVEC_SIZE = 16
+SOCKADDR_STRIDE = 32  # room for sockaddr_in6 (28), 8-byte aligned
+MSG_DONTWAIT = 0x40
+MSG_TRUNC = 0x20
+CACHE_LIMIT = 1 << 16  # local cache entries; cleared when exceeded so memory stays bounded
+TOUCH_INTERVAL_MS = 1000  # how stale a route's last-seen may get before a worker rewrites it
+
+_COUNTER = {name: i for i, name in enumerate(COUNTER_NAMES)}
+_DROP = {name: i for i, name in enumerate(DROP_REASONS)}
+_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_recvmmsg = _libc.recvmmsg
+_recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
+_recvmmsg.restype = ctypes.c_int
+_sendmmsg = _libc.sendmmsg
+_sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+_sendmmsg.restype = ctypes.c_int
+
+
+@dataclass
+class WorkerSettings:
+    """Everything a worker process needs, passed as JSON on its stdin (secrets stay out of argv)."""
+
+    index: int
+    table_name: str
+    fleet_name: str
+    bind: str
+    port: int
+    internal_bind: str
+    internal_port: int
+    cluster_id: int
+    token_secrets: list[str]  # hex
+    batch_size: int = 32
+    max_datagram: int = 1500
+    recv_buffer_bytes: int = 4 << 20
+    send_buffer_bytes: int = 4 << 20
+    pin_cpu: int | None = None
+    redis_url: str | None = None
+    recovery_rate: float = 200.0
+    negative_cache_seconds: float = 5.0
+    redis_socket_timeout: float = 0.2
+    extra: dict = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.__dict__)
+
+    @classmethod
+    def from_json(cls, data: bytes) -> WorkerSettings:
+        return cls(**orjson.loads(data))
+
+
+def route_key_from_sockaddr(raw: bytes | memoryview) -> bytes:
+    """The 24-byte relay header (== route key) for a native sockaddr_in / sockaddr_in6."""
+    family = int.from_bytes(raw[0:2], sys.byteorder)
+    port = bytes(raw[2:4])
+    if family == socket.AF_INET:
+        return b"\x01\x04" + port + b"\x00\x00\x00\x00" + _V4_MAPPED_PREFIX + bytes(raw[4:8])
+    if family == socket.AF_INET6:
+        address = bytes(raw[8:24])
+        kind = b"\x04" if address.startswith(_V4_MAPPED_PREFIX) else b"\x06"
+        return b"\x01" + kind + port + b"\x00\x00\x00\x00" + address
+    raise ValueError(f"unsupported address family {family}")
+
+
+def sockaddr_from_route_key(key: bytes | memoryview, socket_family: int) -> bytes | None:
+    """Native sockaddr for a route key, for a socket of ``socket_family``; None if unreachable."""
+    port = bytes(key[2:4])
+    address = bytes(key[8:24])
+    if socket_family == socket.AF_INET:
+        if key[1] != 4 or not address.startswith(_V4_MAPPED_PREFIX):
+            return None
+        return struct.pack("=H", socket.AF_INET) + port + address[12:] + b"\x00" * 8
+    return struct.pack("=H", socket.AF_INET6) + port + b"\x00" * 4 + address + b"\x00" * 4
+
+
+def sockaddr_for(host: str, port: int, socket_family: int) -> bytes:
+    """Native sockaddr bytes for a host/port on a socket of ``socket_family``."""
+    if socket_family == socket.AF_INET:
+        return (
+            struct.pack("=H", socket.AF_INET)
+            + port.to_bytes(2, "big")
+            + socket.inet_pton(socket.AF_INET, host)
+            + b"\x00" * 8
+        )
+    if ":" not in host:
+        host = "::ffff:" + host
+    return (
+        struct.pack("=H", socket.AF_INET6)
+        + port.to_bytes(2, "big")
+        + b"\x00" * 4
+        + socket.inet_pton(socket.AF_INET6, host)
+        + b"\x00" * 4
+    )
+
+
+def _family_of(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def open_public_socket(host: str, port: int, rcvbuf: int, sndbuf: int) -> socket.socket:
+    """A socket on the shared public port; every worker binds its own with SO_REUSEPORT."""
+    family = _family_of(host)
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    _set_buffers(sock, rcvbuf, sndbuf)
+    sock.bind((host, port))
+    return sock
+
+
+def _set_buffers(sock: socket.socket, rcvbuf: int, sndbuf: int) -> None:
+    # SO_RCVBUFFORCE lets root exceed net.core.rmem_max; fall back to the capped option.
+    for force, plain, size in (
+        (33, socket.SO_RCVBUF, rcvbuf),  # SO_RCVBUFFORCE
+        (32, socket.SO_SNDBUF, sndbuf),  # SO_SNDBUFFORCE
+    ):
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, plain, size)
+
+
+class _Batch:
+    """Preallocated recvmmsg or sendmmsg arrays for one socket direction.
+
+    ``headers`` is the mmsghdr array, ``iovecs`` two iovecs per message, ``names`` one
+    sockaddr per message, ``payloads`` one max-size buffer per message (receive side only).
+    Everything is viewed as u64 words so the loop reads and writes fields without packing.
+    """
+
+    def __init__(self, count: int, payload_size: int, *, receive: bool, namelen: int) -> None:
+        self.count = count
+        self.payload_size = payload_size
+        size = count * (MMSGHDR_SIZE + 2 * IOVEC_SIZE + SOCKADDR_STRIDE)
+        size += count * payload_size if receive else 0
+        self.memory = mmap.mmap(-1, max(size, mmap.PAGESIZE))
+        self.words = memoryview(self.memory).cast("Q")
+        self.bytes = memoryview(self.memory)
+        base = _atomics.address(self.memory)
+        self.headers_address = base
+        iov_off = count * MMSGHDR_SIZE
+        name_off = iov_off + count * 2 * IOVEC_SIZE
+        payload_off = name_off + count * SOCKADDR_STRIDE
+        self.iov_word = iov_off // 8
+        self.name_word = name_off // 8
+        self.name_offset = name_off
+        self.payload_offset = payload_off
+        self.payload_addresses = [base + payload_off + i * payload_size for i in range(count)]
+        self.name_addresses = [base + name_off + i * SOCKADDR_STRIDE for i in range(count)]
+        words = self.words
+        for i in range(count):
+            h = i * 8
+            words[h + 0] = self.name_addresses[i]  # msg_name
+            words[h + 1] = namelen  # msg_namelen (+ padding)
+            words[h + 2] = base + iov_off + i * 2 * IOVEC_SIZE  # msg_iov
+            words[h + 3] = 1  # msg_iovlen
+            if receive:
+                iov = self.iov_word + i * 4
+                words[iov + 0] = self.payload_addresses[i]
+                words[iov + 1] = payload_size
+        self.vector = ctypes.c_void_p(base)
+
+    def close(self) -> None:
+        self.words.release()
+        self.bytes.release()
+        self.memory.close()
+
+
+class RelayWorker:
+    """Forwards datagrams between the public socket and transceivers, by the routing table."""
+
+    def __init__(
+        self,
+        settings: WorkerSettings,
+        table: RoutingTable,
+        fleet: FleetState,
+        verifier: TokenVerifier,
+        recovery: object | None = None,
+    ) -> None:
+        self.settings = settings
+        self.table = table
+        self.fleet = fleet
+        self.verifier = verifier
+        self.recovery = recovery  # RouteRecovery-like: request(key: bytes) -> None
+        self.public: socket.socket | None = None
+        self.internal: socket.socket | None = None
+        self._stop = False
+        # Local counters: flushed into shared memory once per batch.
+        self.counters = [0] * len(COUNTER_NAMES)
+        self.drops = [0] * len(DROP_REASONS)
+        self._stats_word = fleet.worker_word(settings.index)
+        # Caches: public sockaddr key -> [seq word, version, transceiver id, key address,
+        # last-touch ms, last_seen word]; route key int -> [seq word, version, transceiver id,
+        # client sockaddr words...].
+        self._cache: dict[int, list] = {}
+        self._reverse: dict[int, list] = {}
+        self._directory_generation = -1
+        self._transceiver_name: list[int] = [0] * DIRECTORY_ENTRIES  # sockaddr address or 0
+        self._transceiver_sources: dict[int, int] = {}  # internal sockaddr key -> id
+
+    # -- setup -----------------------------------------------------------------------
+    def open(self) -> None:
+        s = self.settings
+        self.public = open_public_socket(s.bind, s.port, s.recv_buffer_bytes, s.send_buffer_bytes)
+        self.public_family = self.public.family
+        self.internal = socket.socket(_family_of(s.internal_bind), socket.SOCK_DGRAM)
+        self.internal.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        _set_buffers(self.internal, s.recv_buffer_bytes, s.send_buffer_bytes)
+        self.internal.bind((s.internal_bind, s.internal_port))
+        self.internal_family = self.internal.family
+        public_namelen = 16 if self.public_family == socket.AF_INET else 28
+        internal_namelen = 16 if self.internal_family == socket.AF_INET else 28
+        # One spare byte detects oversize datagrams; 8-byte alignment lets the loop read
+        # the relay header of an internal datagram as three words.
+        n, size = s.batch_size, (s.max_datagram + 1 + 7) & ~7
+        self.public_in = _Batch(n, size, receive=True, namelen=public_namelen)
+        self.internal_in = _Batch(n, size, receive=True, namelen=internal_namelen)
+        self.to_transceivers = _Batch(n, 0, receive=False, namelen=internal_namelen)
+        self.to_clients = _Batch(n, 0, receive=False, namelen=public_namelen)
+        # To transceivers: two iovecs (header in shared memory, payload); to clients: one.
+        for i in range(n):
+            self.to_transceivers.words[i * 8 + 3] = 2
+            self.to_transceivers.words[self.to_transceivers.iov_word + i * 4 + 1] = HEADER_SIZE
+        self._transceiver_names = mmap.mmap(-1, DIRECTORY_ENTRIES * SOCKADDR_STRIDE)
+        self._transceiver_names_address = _atomics.address(self._transceiver_names)
+        self._write_worker_info()
+
+    def _write_worker_info(self) -> None:
+        s, words, base = self.settings, self.fleet.words, self._stats_word
+        words[base + W_PID] = os.getpid()
+        words[base + W_STARTED_MS] = int(time.time() * 1000)
+        words[base + W_HEARTBEAT_MS] = int(time.time() * 1000)
+        words[base + W_INTERNAL_PORT] = self.internal.getsockname()[1]
+        words[base + W_CPU] = (s.pin_cpu + 1) if s.pin_cpu is not None else 0
+        words[base + W_RCVBUF] = self.public.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+        words[base + W_SNDBUF] = self.public.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        # Counters continue from what a previous incarnation of this worker left.
+        for i in range(len(COUNTER_NAMES)):
+            self.counters[i] = words[base + 16 + i]
+        for i in range(len(DROP_REASONS)):
+            self.drops[i] = words[base + W_DROPS + i]
+        words[base + W_STATE] = WORKER_STARTING
+
+    def close(self) -> None:
+        for sock in (self.public, self.internal):
+            if sock is not None:
+                sock.close()
+
+    def stop(self) -> None:
+        self._stop = True
+
+    # -- directory ---------------------------------------------------------------------
+    def _refresh_directory(self) -> None:
+        """Rebuild the transceiver maps from the shared directory (rare: on generation change)."""
+        fleet = self.fleet
+        generation = fleet.generation
+        words, stride = fleet.words, ENTRY_SIZE // 8
+        names = memoryview(self._transceiver_names)
+        sources: dict[int, int] = {}
+        for tid in range(1, DIRECTORY_ENTRIES):
+            word = fleet.directory_word + tid * stride
+            state = words[word + D_STATE]
+            if not state:
+                if self._transceiver_name[tid]:
+                    self._transceiver_name[tid] = 0
+                continue
+            for _ in range(100):  # seqlock read
+                seq = words[word + D_SEQ]
+                state, family = words[word + D_STATE], words[word + D_FAMILY]
+                port, hi, lo = words[word + D_PORT], words[word + D_ADDR_HI], words[word + D_ADDR_LO]
+                if not seq & 1 and words[word + D_SEQ] == seq:
+                    break
+            else:
+                continue
+            packed = ((hi << 64) | lo).to_bytes(16, "big")
+            if self.internal_family == socket.AF_INET:
+                if family != 4:
+                    self._transceiver_name[tid] = 0
+                    continue
+                raw = sockaddr_for(socket.inet_ntop(socket.AF_INET, packed[12:]), port,
+                                   socket.AF_INET)
+            else:
+                raw = sockaddr_for(socket.inet_ntop(socket.AF_INET6, packed), port,
+                                   socket.AF_INET6)
+            offset = tid * SOCKADDR_STRIDE
+            names[offset : offset + len(raw)] = raw
+            sources[self._source_key(raw)] = tid
+            healthy = state == TRANSCEIVER_HEALTHY
+            self._transceiver_name[tid] = self._transceiver_names_address + offset if healthy else 0
+        names.release()
+        self._transceiver_sources = sources
+        self._directory_generation = generation
+
+    def _source_key(self, raw: bytes | memoryview) -> int:
+        """Cache key of a native sockaddr (what the loop computes from the recv names array)."""
+        w = struct.unpack_from("=QQQ", bytes(raw).ljust(24, b"\x00"))
+        if int.from_bytes(raw[0:2], sys.byteorder) == socket.AF_INET:
+            return w[0]
+        return (((w[1] << 64) | w[2]) << 16) | ((w[0] >> 16) & 0xFFFF)
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self) -> None:
+        """Serve until stop(); the caller installs signal handlers that call stop()."""
+        s = self.settings
+        if s.pin_cpu is not None:
+            os.sched_setaffinity(0, {s.pin_cpu})
+        poller = select.epoll()
+        public_fd, internal_fd = self.public.fileno(), self.internal.fileno()
+        self.public.setblocking(False)
+        self.internal.setblocking(False)
+        poller.register(public_fd, select.EPOLLIN)
+        poller.register(internal_fd, select.EPOLLIN)
+        fleet_words, stats = self.fleet.words, self._stats_word
+        fleet_words[stats + W_STATE] = WORKER_RUNNING
+        next_housekeeping = 0.0
+        try:
+            while not self._stop:
+                if self.fleet.generation != self._directory_generation:
+                    self._refresh_directory()
+                events = poller.poll(0.2)
+                now = time.time()
+                now_ms = int(now * 1000)
+                for fd, _ in events:
+                    if fd == public_fd:
+                        self._drain_public(now_ms)
+                    else:
+                        self._drain_internal(now_ms)
+                if now >= next_housekeeping:
+                    next_housekeeping = now + 0.5
+                    self._housekeeping(now_ms)
+                else:
+                    self._flush_counters()
+        finally:
+            poller.close()
+            self._flush_counters()
+            fleet_words[stats + W_STATE] = WORKER_EXITED
+
+    def _housekeeping(self, now_ms: int) -> None:
+        words, base = self.fleet.words, self._stats_word
+        words[base + W_HEARTBEAT_MS] = now_ms
+        words[base + W_CPU_TIME_US] = int(time.process_time() * 1_000_000)
+        if self.fleet.draining and words[base + W_STATE] == WORKER_RUNNING:
+            words[base + W_STATE] = WORKER_DRAINING
+        self._flush_counters()
+
+    def _flush_counters(self) -> None:
+        words, base = self.fleet.words, self._stats_word + 16
+        for i, value in enumerate(self.counters):
+            words[base + i] = value
+        base = self._stats_word + W_DROPS
+        for i, value in enumerate(self.drops):
+            words[base + i] = value
+
+    def _drain_public(self, now_ms: int) -> None:
+        """Read batches from clients until the socket is empty; forward each to its transceiver."""
+        batch, out = self.public_in, self.to_transceivers
+        fd, vec, count = self.public.fileno(), batch.vector, batch.count
+        recv_words, out_words = batch.words, out.words
+        payload_addresses = batch.payload_addresses
+        cache_get = self._cache.get
+        table_words = self.table.words
+        names = self._transceiver_name
+        name_word, iov_word, out_iov = batch.name_word, batch.iov_word, out.iov_word
+        v4 = self.public_family == socket.AF_INET
+        max_datagram = self.settings.max_datagram
+        counters, drops = self.counters, self.drops
+        touch_before = now_ms - TOUCH_INTERVAL_MS
+        while True:
+            received = _recvmmsg(fd, vec, count, MSG_DONTWAIT, None)
+            if received <= 0:
+                return
+            counters[0] += received  # rx_public
+            counters[9] += 1  # batches
+            sent = 0
+            for i in range(received):
+                length = recv_words[i * 8 + 7] & 0xFFFFFFFF
+                counters[4] += length
+                if length > max_datagram:
+                    drops[7] += 1  # oversize
+                    continue
+                n = name_word + i * 4
+                if v4:
+                    key = recv_words[n]
+                else:
+                    key = (((recv_words[n + 1] << 64) | recv_words[n + 2]) << 16) | (
+                        (recv_words[n] >> 16) & 0xFFFF
+                    )
+                entry = cache_get(key)
+                if entry is None or table_words[entry[0]] != entry[1]:
+                    entry = self._public_miss(key, i, length, now_ms)
+                    if entry is None:
+                        continue
+                elif batch.bytes[batch.payload_offset + i * batch.payload_size] < 2:
+                    # A STUN request on a known route: may carry a token for another
+                    # transceiver (a new session from the same address). Rare: once per
+                    # consent check.
+                    entry = self._public_stun_on_route(entry, key, i, length, now_ms)
+                    if entry is None:
+                        continue
+                name = names[entry[2]]
+                if not name:
+                    drops[4] += 1  # unknown_transceiver (withdrawn or unhealthy)
+                    continue
+                if entry[4] < touch_before:
+                    entry[4] = now_ms
+                    table_words[entry[5]] = now_ms
+                h = sent * 8
+                out_words[h] = name
+                o = out_iov + sent * 4
+                out_words[o] = entry[3]
+                out_words[o + 2] = payload_addresses[i]
+                out_words[o + 3] = length
+                sent += 1
+            if sent:
+                self._send(self.internal.fileno(), out, sent, 3)
+            if received < count:
+                return
+
+    def _drain_internal(self, now_ms: int) -> None:
+        """Read batches from transceivers; send each payload to its client from the public port."""
+        batch, out = self.internal_in, self.to_clients
+        fd, vec, count = self.internal.fileno(), batch.vector, batch.count
+        recv_words, out_words = batch.words, out.words
+        payload_addresses = batch.payload_addresses
+        reverse_get = self._reverse.get
+        sources = self._transceiver_sources
+        table_words = self.table.words
+        name_word, out_iov, out_name = batch.name_word, out.iov_word, out.name_word
+        v4_internal = self.internal_family == socket.AF_INET
+        v4_public = self.public_family == socket.AF_INET
+        payload_word, payload_stride = batch.payload_offset // 8, batch.payload_size
+        max_datagram = self.settings.max_datagram
+        counters, drops = self.counters, self.drops
+        aligned = payload_stride % 8 == 0
+        while True:
+            received = _recvmmsg(fd, vec, count, MSG_DONTWAIT, None)
+            if received <= 0:
+                return
+            counters[2] += received  # rx_internal
+            sent = 0
+            for i in range(received):
+                length = recv_words[i * 8 + 7] & 0xFFFFFFFF
+                if length > max_datagram:
+                    drops[7] += 1
+                    continue
+                n = name_word + i * 4
+                if v4_internal:
+                    source = recv_words[n]
+                else:
+                    source = (((recv_words[n + 1] << 64) | recv_words[n + 2]) << 16) | (
+                        (recv_words[n] >> 16) & 0xFFFF
+                    )
+                tid = sources.get(source)
+                if tid is None:
+                    drops[8] += 1  # internal_unknown_source
+                    continue
+                if length < HEADER_SIZE:
+                    drops[9] += 1  # internal_bad_header
+                    continue
+                if aligned:
+                    p = payload_word + (i * payload_stride) // 8
+                    rkey = recv_words[p] | (recv_words[p + 1] << 64) | (recv_words[p + 2] << 128)
+                else:
+                    offset = batch.payload_offset + i * payload_stride
+                    rkey = int.from_bytes(batch.bytes[offset : offset + HEADER_SIZE], "little")
+                entry = reverse_get(rkey)
+                if entry is None or table_words[entry[0]] != entry[1]:
+                    entry = self._internal_miss(rkey, i)
+                    if entry is None:
+                        continue
+                if entry[2] != tid:
+                    drops[11] += 1  # internal_wrong_transceiver: no open reflector
+                    continue
+                nw = out_name + sent * 4
+                out_words[nw] = entry[3]
+                if not v4_public:
+                    out_words[nw + 1] = entry[4]
+                    out_words[nw + 2] = entry[5]
+                    out_words[nw + 3] = 0
+                o = out_iov + sent * 4
+                out_words[o] = payload_addresses[i] + HEADER_SIZE
+                out_words[o + 1] = length - HEADER_SIZE
+                counters[5] += length - HEADER_SIZE
+                sent += 1
+            if sent:
+                self._send(self.public.fileno(), out, sent, 1)
+            if received < count:
+                return
+
+    def _send(self, fd: int, out: _Batch, count: int, counter: int) -> None:
+        """sendmmsg everything queued; a message the kernel refuses is counted and skipped.
+
+        The sockets are non-blocking so a full send buffer cannot wedge the loop: on EAGAIN
+        the worker waits briefly for room once, then drops what still does not fit.
+        """
+        base = out.headers_address
+        done = failed = 0
+        waited = False
+        while done < count:
+            result = _sendmmsg(fd, base + done * MMSGHDR_SIZE, count - done, 0)
+            if result > 0:
+                done += result
+                continue
+            err = ctypes.get_errno()
+            if err == errno.EINTR:
+                continue
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK) and not waited:
+                waited = True
+                select.select([], [fd], [], 0.005)
+                continue
+            # The message at `done` failed (unreachable, no buffer room); skip it, go on.
+            failed += 1
+            done += 1
+        self.drops[12] += failed
+        self.counters[counter] += count - failed
+
+    # -- slow paths --------------------------------------------------------------------
+    def _raw_name(self, batch: _Batch, i: int) -> bytes:
+        offset = batch.name_offset + i * SOCKADDR_STRIDE
+        return bytes(batch.bytes[offset : offset + SOCKADDR_STRIDE])
+
+    def _payload(self, batch: _Batch, i: int, length: int) -> memoryview:
+        offset = batch.payload_offset + i * batch.payload_size
+        return batch.bytes[offset : offset + length]
+
+    def _verify_stun_token(self, payload: memoryview, length: int) -> int | None:
+        """Transceiver id named by a STUN binding request's token, or None (drop counted)."""
+        try:
+            ufrag = server_ufrag(payload, length)
+        except ProtocolError:
+            self.drops[1] += 1  # bad_stun
+            return None
+        try:
+            claim = self.verifier.verify(ufrag)
+        except WrongClusterError:
+            self.drops[3] += 1
+            return None
+        except TokenError:
+            self.drops[2] += 1
+            return None
+        if not self._transceiver_name[claim.transceiver_id]:
+            self.drops[4] += 1
+            return None
+        return claim.transceiver_id
+
+    def _public_miss(self, key: int, i: int, length: int, now_ms: int) -> list | None:
+        batch = self.public_in
+        raw = self._raw_name(batch, i)
+        route_key = route_key_from_sockaddr(raw)
+        table = self.table
+        slot = table.find(route_key)
+        if slot >= 0:
+            return self._cache_route(key, slot)
+        payload = self._payload(batch, i, length)
+        try:
+            if not is_stun(payload, length):
+                if self.recovery is not None:
+                    self.counters[8] += 1
+                    self.recovery.request(route_key)
+                self.drops[0] += 1  # no_route
+                return None
+            if self.fleet.draining:
+                self.drops[6] += 1
+                return None
+            tid = self._verify_stun_token(payload, length)
+            if tid is None:
+                return None
+            try:
+                slot = table.insert(route_key, tid, now_ms)
+            except TableFull:
+                self.drops[5] += 1
+                return None
+            self.counters[6] += 1  # routes_created
+            return self._cache_route(key, slot)
+        finally:
+            payload.release()
+
+    def _public_stun_on_route(
+        self, entry: list, key: int, i: int, length: int, now_ms: int
+    ) -> list | None:
+        payload = self._payload(self.public_in, i, length)
+        try:
+            if not is_stun(payload, length):
+                return entry  # RTP/RTCP/DTLS start with other bytes; first byte <2 is STUN
+            try:
+                ufrag = server_ufrag(payload, length)
+                claim = self.verifier.verify(ufrag)
+            except (ProtocolError, TokenError):
+                return entry  # responses/indications and odd requests follow the route
+            if claim.transceiver_id == entry[2] or self.fleet.draining:
+                return entry
+            if not self._transceiver_name[claim.transceiver_id]:
+                return entry
+            route_key = route_key_from_sockaddr(self._raw_name(self.public_in, i))
+            try:
+                slot = self.table.insert(route_key, claim.transceiver_id, now_ms)
+            except TableFull:
+                return entry
+            self.counters[7] += 1  # routes_repointed
+            return self._cache_route(key, slot)
+        finally:
+            payload.release()
+
+    def _cache_route(self, key: int, slot: int) -> list | None:
+        route = self.table.read(slot)
+        if route is None:
+            return None
+        offset = self.table.slot_offset(slot)
+        if len(self._cache) >= CACHE_LIMIT:
+            self._cache.clear()
+        entry = [
+            (offset + SLOT_SEQ) // 8,
+            route.version,
+            route.transceiver_id,
+            self.table.base_address + offset + SLOT_KEY,
+            route.last_seen_ms,
+            (offset + SLOT_LAST_SEEN) // 8,
+        ]
+        self._cache[key] = entry
+        return entry
+
+    def _internal_miss(self, rkey: int, i: int) -> list | None:
+        batch = self.internal_in
+        offset = batch.payload_offset + i * batch.payload_size
+        header = bytes(batch.bytes[offset : offset + HEADER_SIZE])
+        if header[0] != 1 or header[1] not in (4, 6) or header[4:8] != b"\x00\x00\x00\x00":
+            self.drops[9] += 1
+            return None
+        slot = self.table.find(header)
+        route = self.table.read(slot) if slot >= 0 else None
+        if route is None:
+            self.drops[10] += 1  # internal_no_route
+            return None
+        raw = sockaddr_from_route_key(header, self.public_family)
+        if raw is None:
+            self.drops[9] += 1
+            return None
+        w = struct.unpack_from("=QQQQ", raw.ljust(32, b"\x00"))
+        slot_offset = self.table.slot_offset(slot)
+        if len(self._reverse) >= CACHE_LIMIT:
+            self._reverse.clear()
+        entry = [
+            (slot_offset + SLOT_SEQ) // 8,
+            route.version,
+            route.transceiver_id,
+            w[0],
+            w[1],
+            w[2],
+        ]
+        self._reverse[rkey] = entry
+        return entry
+
+
+def serve(settings: WorkerSettings) -> int:
+    """Entry point of a worker process: attach shared state, bind, run until SIGTERM/SIGINT."""
+    table = RoutingTable.attach(settings.table_name)
+    fleet = FleetState.attach(settings.fleet_name)
+    verifier = TokenVerifier(
+        [bytes.fromhex(secret) for secret in settings.token_secrets], settings.cluster_id
+    )
+    recovery = None
+    if settings.redis_url:
+        from voxrelay.engine.redis_mirror import RouteRecovery
+
+        recovery = RouteRecovery(
+            table=table,
+            cluster_id=settings.cluster_id,
+            url=settings.redis_url,
+            rate=settings.recovery_rate,
+            negative_cache_seconds=settings.negative_cache_seconds,
+            socket_timeout=settings.redis_socket_timeout,
+            is_known_transceiver=lambda tid: fleet.read_transceiver(tid) is not None,
+        )
+        recovery.start()
+    worker = RelayWorker(settings, table, fleet, verifier, recovery)
+    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+    signal.signal(signal.SIGINT, lambda *_: worker.stop())
+    worker.open()
+    try:
+        worker.run()
+    finally:
+        if recovery is not None:
+            recovery.stop()
+        worker.close()
+    return 0
+
+
+def main() -> None:
+    settings = WorkerSettings.from_json(sys.stdin.buffer.read())
+    sys.exit(serve(settings))
+
+
+if __name__ == "__main__":
+    main()

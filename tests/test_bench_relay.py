@@ -1,0 +1,191 @@
+"""Smoke tests of `voxrelay bench relay` and its parts: real processes, real sockets.
+
+The end-to-end test runs the benchmark through the CLI with tiny phases and checks what it
+writes (the JSON schema, a real PNG, the table) and that it leaves no process behind. It
+never asserts timings: those depend on the machine. The other tests pin down the parts
+whose mistakes would silently skew a benchmark: the naive baseline must do the relay's
+work (header in front, replies routed by it), and the statistics must be right.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+from array import array
+from pathlib import Path
+
+import psutil
+import pytest
+
+from voxrelay.bench.loadgen import (
+    PROBE,
+    PROBE_MARK,
+    CounterFile,
+    binding_request,
+    latency_summary,
+)
+from voxrelay.bench.naive_forwarder import COUNTERS, NaiveForwarder
+from voxrelay.bench.relay_bench import TARGET_FIXED_RATE, TARGET_FLAT_OUT, _median_tree, ratios
+from voxrelay.proto.relay_header import HEADER_SIZE, decode_header, encode_header
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def _udp(timeout: float = 2.0) -> socket.socket:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", 0))
+    sock.settimeout(timeout)
+    return sock
+
+
+@pytest.mark.slow
+def test_bench_relay_writes_json_png_and_table_and_cleans_up(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    tiny = ["--duration", "0.3", "--rate", "2000", "--clients", "8", "--out", str(out)]
+    result = subprocess.run(
+        [sys.executable, "-m", "voxrelay", "bench", "relay", *tiny],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+    data = json.loads((out / "relay.json").read_text())
+    assert data["benchmark"] == "voxrelay bench relay"
+    assert data["schema_version"] == 1
+    settings = data["settings"]
+    assert (settings["duration_s"], settings["rate_pps"], settings["clients"]) == (0.3, 2000, 8)
+    assert (settings["size_bytes"], settings["workers"], settings["repeat"]) == (100, 1, 1)
+    summary = data["summary"]
+    for name in ("voxrelay", "naive"):
+        flat, fixed = summary[name]["flat_out"], summary[name]["fixed_rate"]
+        for key in ("forwarded_pps", "offered_pps", "cpu_us_per_packet", "loss", "saturated"):
+            assert key in flat, (name, key)
+        assert flat["forwarded_pps"] > 0  # packets really went through each forwarder
+        for key in ("cpu_us_per_packet", "forwarded_pps", "loss"):
+            assert key in fixed, (name, key)
+        assert set(fixed["rtt_us"]) >= {"p50", "p99"}
+        assert set(fixed["added_latency_us"]) == {"p50", "p99"}
+        assert set(fixed["direct_rtt_us"]) >= {"p50", "p99"}  # the same phase's baseline
+        assert fixed["generator"]["direct_sent"] > 0
+        assert fixed["generator"]["received"] > 0  # probes came back through the forwarder
+    assert set(summary["direct"]["fixed_rate"]["rtt_us"]) >= {"p50", "p99"}
+    flat_ratio = data["ratios"]["cpu_per_packet_flat_out"]
+    fixed_ratio = data["ratios"]["cpu_per_packet_fixed_rate"]
+    assert (flat_ratio["target_max"], fixed_ratio["target_max"]) == (0.75, 1.2)
+    assert isinstance(flat_ratio["pass"], bool) and isinstance(fixed_ratio["pass"], bool)
+    assert len(data["rounds"]) == 1 and data["rounds"][0]["order"] == ["voxrelay", "naive"]
+
+    assert (out / "relay.png").read_bytes().startswith(PNG_MAGIC)
+    assert "CPU µs/packet, flat out" in result.stdout
+    assert result.stdout.count("\n[") == 4  # one progress line per phase
+
+    # Every process the benchmark started is gone.
+    started = re.search(
+        r"fleet pid (\d+) .*workers \[([\d, ]+)\].*pids \[([\d, ]+)\]\), sink pid (\d+)",
+        result.stdout,
+    )
+    assert started, result.stdout
+    pids = [int(p) for group in started.groups() for p in group.split(",")]
+    assert [pid for pid in pids if psutil.pid_exists(pid) and _is_running(pid)] == []
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_naive_forwarder_does_the_relays_work_both_ways(tmp_path: Path) -> None:
+    sink, client = _udp(), _udp()
+    counters = CounterFile(tmp_path / "naive.counters", COUNTERS, create=True)
+    forwarder = NaiveForwarder("127.0.0.1", 0, sink.getsockname(), counters)
+    thread = threading.Thread(target=forwarder.run, daemon=True)
+    thread.start()
+    try:
+        public = ("127.0.0.1", forwarder.ports[0])
+        # Media before any route is dropped: only a STUN request creates one.
+        client.sendto(b"\x80" + bytes(40), public)
+        request = binding_request("A" * 24, "cli1")
+        client.sendto(request, public)
+        data, relay_internal = sink.recvfrom(4096)
+        assert decode_header(data) == client.getsockname()
+        assert data[HEADER_SIZE:] == request
+        client.sendto(b"\x80media", public)
+        data, _ = sink.recvfrom(4096)
+        assert data == encode_header(*client.getsockname()) + b"\x80media"
+        # The transceiver's reply goes to the client named by the header, from the public port.
+        sink.sendto(encode_header(*client.getsockname()) + b"reply", relay_internal)
+        assert client.recvfrom(4096) == (b"reply", public)
+        # A reply from anyone but the transceiver is dropped.
+        stranger = _udp()
+        stranger.sendto(encode_header(*client.getsockname()) + b"forged", relay_internal)
+        client.settimeout(0.3)
+        with pytest.raises(TimeoutError):
+            client.recvfrom(4096)
+        stranger.close()
+    finally:
+        forwarder.stop()
+        thread.join(timeout=2)
+        forwarder.close()
+    assert counters.read() == {
+        "rx_public": 3, "tx_internal": 2, "rx_internal": 2, "tx_public": 1, "routes": 1,
+        "drops": 2,
+    }  # fmt: skip
+    counters.close()
+    sink.close()
+    client.close()
+
+
+def test_latency_summary_uses_nearest_rank_percentiles() -> None:
+    samples = array("q", [(i + 1) * 1000 for i in range(100)])  # 1..100 µs, shuffled below
+    samples = array("q", sorted(samples, key=lambda v: (v * 7919) % 101))
+    summary = latency_summary(samples)
+    assert (summary["count"], summary["p50"], summary["p99"], summary["max"]) == (100, 50, 99, 100)
+    assert summary["mean"] == pytest.approx(50.5)
+    assert latency_summary(array("q"))["count"] == 0
+
+
+def test_probe_layout_fits_the_smallest_datagram() -> None:
+    probe = bytearray(PROBE.size)
+    PROBE.pack_into(probe, 0, PROBE_MARK, 7, 123456789)
+    assert probe[0] == PROBE_MARK and 128 <= probe[0] <= 191  # RTP range: never STUN
+    assert PROBE.unpack_from(probe)[1:] == (7, 123456789)
+
+
+def _round(vox_flat: float, naive_flat: float, vox_rate: float, naive_rate: float) -> dict:
+    def side(flat: float, rate: float) -> dict:
+        return {
+            "flat_out": {"cpu_us_per_packet": flat, "forwarded_pps": 1e6 / flat},
+            "fixed_rate": {"cpu_us_per_packet": rate},
+        }
+
+    return {"voxrelay": side(vox_flat, vox_rate), "naive": side(naive_flat, naive_rate)}
+
+
+def test_ratios_are_medians_of_per_round_ratios_with_targets() -> None:
+    rounds = [_round(2.0, 4.0, 12, 12), _round(3.0, 4.0, 14, 10), _round(6.0, 8.0, 11, 10)]
+    result = ratios(rounds)
+    flat = result["cpu_per_packet_flat_out"]
+    assert flat["voxrelay_over_naive"] == pytest.approx(0.75)  # median of 0.5, 0.75, 0.75
+    assert (flat["target_max"], flat["pass"]) == (TARGET_FLAT_OUT, True)
+    fixed = result["cpu_per_packet_fixed_rate"]
+    assert fixed["voxrelay_over_naive"] == pytest.approx(1.1)  # median of 1.0, 1.4, 1.1
+    assert (fixed["target_max"], fixed["pass"]) == (TARGET_FIXED_RATE, True)
+    missed = ratios([_round(4.0, 4.0, 13, 10)])
+    assert not missed["cpu_per_packet_flat_out"]["pass"]
+    assert not missed["cpu_per_packet_fixed_rate"]["pass"]
+
+
+def test_median_tree_takes_medians_of_numbers_and_all_of_flags() -> None:
+    rounds = [
+        {"a": {"x": 1.0, "ok": True, "n": None}, "name": "r"},
+        {"a": {"x": 5.0, "ok": False, "n": 2}, "name": "r"},
+        {"a": {"x": 3.0, "ok": True, "n": 4}, "name": "r"},
+    ]
+    assert _median_tree(rounds) == {"a": {"x": 3.0, "ok": False, "n": 3.0}, "name": "r"}

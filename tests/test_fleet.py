@@ -1,0 +1,329 @@
+"""End-to-end tests of the relay fleet: real processes, real UDP sockets, a real Redis.
+
+Each test starts a fleet with `voxrelay up --detach`, drives it with real STUN binding
+requests and RTP-shaped datagrams, and checks what arrives where.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import socket
+import time
+
+import pytest
+from fleet import (
+    Client,
+    FakeTransceiver,
+    binding_request,
+    kill_quietly,
+    rtp_packet,
+    running_fleet,
+    wait_until,
+)
+from redis_server import RedisServer, require_redis_server
+
+from voxrelay.proto.token import mint_token
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def transceiver():
+    t = FakeTransceiver(1)
+    yield t
+    t.close()
+
+
+def _establish(fleet, client: Client, transceiver: FakeTransceiver) -> None:
+    """Send a valid binding request and wait for the echo: the route exists both ways."""
+    client.send(binding_request(fleet.token(transceiver.id)))
+    wait_until(lambda: transceiver.payloads_from(client.address), what="STUN at transceiver")
+    replies = client.receive_all(0.3)
+    assert replies and replies[0].startswith(b"echo:")
+
+
+def test_valid_stun_creates_route_and_media_follows_both_ways(tmp_path, transceiver):
+    with running_fleet(tmp_path, [transceiver]) as fleet:
+        client = Client(fleet.relay)
+        request = binding_request(fleet.token())
+        client.send(request)
+        wait_until(lambda: transceiver.payloads_from(client.address), what="STUN forwarded")
+        # The transceiver saw the exact bytes and the client's address in the relay header.
+        assert transceiver.payloads_from(client.address)[0] == request
+        assert client.receive_all(0.3) == [b"echo:" + request]
+        # Later non-STUN packets follow the route, both ways, from the public port.
+        for seq in range(20):
+            client.send(rtp_packet(seq))
+        wait_until(lambda: len(transceiver.payloads_from(client.address)) == 21, what="media")
+        echoes = client.receive_all(0.5)
+        assert sorted(echoes) == sorted(b"echo:" + rtp_packet(s) for s in range(20))
+        status = fleet.status()
+        assert status["routing_table"]["entries"] == 1
+        created = sum(w["counters"]["routes_created"] for w in status["relay"]["workers"])
+        assert created == 1
+        client.close()
+
+
+def test_status_json_reports_the_fleet(tmp_path, transceiver):
+    with running_fleet(tmp_path, [transceiver], workers=2) as fleet:
+        status = fleet.status()
+        assert status["running"] is True
+        relay = status["relay"]
+        assert relay["port"] == fleet.relay[1] and relay["port"] != 0
+        assert len(relay["workers"]) == 2
+        for worker in relay["workers"]:
+            assert worker["alive"] and worker["pid"] > 0
+            assert {"rx_public", "tx_public", "rx_internal", "tx_internal"} <= set(
+                worker["counters"]
+            )
+            assert "bad_token" in worker["drops"]
+        assert status["routing_table"]["capacity"] == 1000
+        assert status["routing_table"]["memory_bytes"] > 0
+        assert status["transceivers"] == [
+            {"id": 1, "address": f"127.0.0.1:{transceiver.port}", "health": "healthy", "load": 0.0}
+        ]
+        assert "signaling_url" in status
+        text = fleet.cli("status").stdout
+        assert "routes" in text and "workers" in text
+        # Prometheus metrics are served too.
+        import urllib.request
+
+        with urllib.request.urlopen(status["metrics_url"] + "/metrics", timeout=5) as response:
+            body = response.read().decode()
+        assert "voxrelay_relay_packets_total" in body
+        assert "voxrelay_routing_table_entries" in body
+        assert 'voxrelay_relay_drops_total{reason="bad_token",worker="0"}' in body
+
+
+def test_forged_tokens_and_floods_create_no_routes_and_crash_nothing(tmp_path, transceiver):
+    with running_fleet(tmp_path, [transceiver], workers=2) as fleet:
+        pids_before = sorted(fleet.worker_pids())
+        rng = random.Random(1234)
+        good = fleet.token()
+        forged = [
+            good[:-1] + ("A" if good[-1] != "A" else "B"),  # bad MAC
+            mint_token(b"another-secret-not-ours-0123456789", 7, 1),  # unknown key
+            mint_token(bytes(range(32)), 8, 1),  # wrong cluster
+            mint_token(bytes(range(32)), 7, 999),  # unknown transceiver
+            good[:10],  # truncated
+            "",
+            "x" * 300,
+        ]
+        attackers = [Client(fleet.relay) for _ in range(20)]
+        for i, attacker in enumerate(attackers):
+            for token in forged:
+                attacker.send(binding_request(token or "x", f"c{i}"))
+            for _ in range(20):  # random garbage of every shape
+                attacker.send(rng.randbytes(rng.randint(0, 1400)))
+            for n in range(0, 40, 3):  # truncated STUN
+                attacker.send(binding_request(good)[:n])
+            attacker.send(rtp_packet(1))
+        time.sleep(1.0)
+        status = fleet.status()
+        assert status["routing_table"]["entries"] == 0
+        drops: dict[str, int] = {}
+        for worker in status["relay"]["workers"]:
+            for reason, value in worker["drops"].items():
+                drops[reason] = drops.get(reason, 0) + value
+        assert drops["bad_token"] >= 20 * 4
+        assert drops["wrong_cluster"] >= 20
+        assert drops["unknown_transceiver"] >= 20
+        assert drops["no_route"] >= 20
+        assert drops["bad_stun"] > 0
+        assert transceiver.received == []
+        assert sorted(fleet.worker_pids()) == pids_before  # nobody crashed
+        # A legitimate caller still gets through afterwards.
+        client = Client(fleet.relay)
+        _establish(fleet, client, transceiver)
+        for c in [*attackers, client]:
+            c.close()
+
+
+def test_internal_side_is_not_an_open_reflector(tmp_path):
+    owner, other = FakeTransceiver(1, echo=False), FakeTransceiver(2, echo=False)
+    try:
+        with running_fleet(tmp_path, [owner, other]) as fleet:
+            client = Client(fleet.relay)
+            client.send(binding_request(fleet.token(1)))
+            wait_until(lambda: owner.received, what="route to transceiver 1")
+            relay_internal = owner.received[0][2]
+            # The owner can reach the client.
+            owner.send_to_client(client.address, b"hello", relay_internal)
+            assert client.receive_all(0.3) == [b"hello"]
+            # Another registered transceiver cannot reach a client it does not own.
+            other.send_to_client(client.address, b"hijack", relay_internal)
+            # Nobody can reach an address without a route.
+            stranger = Client(fleet.relay)
+            owner.send_to_client(stranger.address, b"reflect", relay_internal)
+            # An unregistered source cannot use the internal port at all.
+            rogue = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            from voxrelay.proto.relay_header import encode_header
+
+            rogue.sendto(encode_header(*client.address) + b"spoof", relay_internal)
+            owner.sock.sendto(b"\x01\x04short", relay_internal)  # bad header
+            assert client.receive_all(0.3) == []
+            assert stranger.receive_all(0.1) == []
+            drops: dict[str, int] = {}
+            for worker in fleet.status()["relay"]["workers"]:
+                for reason, value in worker["drops"].items():
+                    drops[reason] = drops.get(reason, 0) + value
+            assert drops["internal_wrong_transceiver"] == 1
+            assert drops["internal_no_route"] == 1
+            assert drops["internal_unknown_source"] == 1
+            assert drops["internal_bad_header"] == 1
+            rogue.close()
+            client.close()
+            stranger.close()
+    finally:
+        owner.close()
+        other.close()
+
+
+def _flows_alive(clients, transceiver, seq: int) -> bool:
+    for client in clients:
+        client.send(rtp_packet(seq))
+    time.sleep(0.3)
+    return all(rtp_packet(seq) in transceiver.payloads_from(c.address) for c in clients)
+
+
+def test_kill_9_worker_loses_no_route_and_flows_resume(tmp_path, transceiver):
+    with running_fleet(tmp_path, [transceiver], workers=2) as fleet:
+        clients = [Client(fleet.relay) for _ in range(16)]
+        for client in clients:
+            _establish(fleet, client, transceiver)
+        assert fleet.status()["routing_table"]["entries"] == 16
+        for round_number in range(2):
+            victim = fleet.worker_pids()[0]
+            os.kill(victim, signal.SIGKILL)
+            wait_until(
+                lambda v=victim: v not in fleet.worker_pids() and len(fleet.worker_pids()) == 2,
+                what="worker respawned",
+            )
+            status = fleet.status()
+            assert status["routing_table"]["entries"] == 16
+            assert sum(w["restarts"] for w in status["relay"]["workers"]) == round_number + 1
+            # Every established flow resumes with no new STUN, both ways.
+            seq = 1000 + round_number
+            wait_until(
+                lambda s=seq: _flows_alive(clients, transceiver, s),
+                timeout=10,
+                what="flows after respawn",
+            )
+            # ...and the echoes come back to each client through the relay.
+            for client in clients:
+                assert b"echo:" + rtp_packet(seq) in client.receive_all(0.3)
+        for client in clients:
+            client.close()
+
+
+def test_sigterm_drains_live_flows_then_stops(tmp_path, transceiver):
+    with running_fleet(tmp_path, [transceiver], workers=1, drain_seconds=2) as fleet:
+        client = Client(fleet.relay)
+        _establish(fleet, client, transceiver)
+        os.kill(fleet.supervisor_pid, signal.SIGTERM)
+        time.sleep(0.3)
+        # During the grace period live flows keep flowing, new routes are refused.
+        client.send(rtp_packet(7))
+        wait_until(
+            lambda: rtp_packet(7) in transceiver.payloads_from(client.address),
+            what="flow during drain",
+        )
+        newcomer = Client(fleet.relay)
+        newcomer.send(binding_request(fleet.token()))
+        time.sleep(0.3)
+        assert transceiver.payloads_from(newcomer.address) == []
+        wait_until(
+            lambda: not (fleet.runtime_dir / "state.json").exists(),
+            timeout=15,
+            what="supervisor exit",
+        )
+        client.close()
+        newcomer.close()
+
+
+def test_up_status_down_from_the_cli(tmp_path, transceiver):
+    with running_fleet(tmp_path, [transceiver]) as fleet:
+        assert fleet.cli("status", "--json").returncode == 0
+        second = fleet.cli("up", "--detach", check=False)
+        assert second.returncode != 0 and "already running" in second.stderr
+        result = fleet.cli("down")
+        assert "stopped" in result.stdout
+        gone = fleet.cli("status", check=False)
+        assert gone.returncode == 3 and "not running" in gone.stdout
+        # Shared memory segments are gone too.
+        assert not [n for n in os.listdir("/dev/shm") if fleet.name in n]
+
+
+@pytest.mark.redis
+def test_whole_relay_restart_recovers_routes_from_redis_without_stun(tmp_path, transceiver):
+    require_redis_server()
+    with RedisServer(tmp_path / "redis") as server:
+        with running_fleet(tmp_path, [transceiver], redis_url=server.url) as fleet:
+            clients = [Client(fleet.relay) for _ in range(5)]
+            for client in clients:
+                _establish(fleet, client, transceiver)
+            r = server.client()
+            wait_until(lambda: len(r.keys("voxrelay:7:route:*")) == 5, what="routes mirrored")
+            # Kill the whole relay: supervisor and every worker, no cleanup.
+            pids = [fleet.supervisor_pid, *fleet.worker_pids()]
+            for pid in pids:
+                kill_quietly(pid, signal.SIGKILL)
+            wait_until(lambda: not any(_alive(p) for p in pids), what="relay dead")
+            (fleet.runtime_dir / "state.json").unlink(missing_ok=True)
+            fleet.up()  # same config, same public port is not guaranteed: use the new one
+            for client in clients:
+                client.relay = fleet.relay
+            assert fleet.status()["routing_table"]["entries"] == 0
+            # Media only, no STUN: the first packets trigger recovery from Redis.
+            wait_until(
+                lambda: _flows_alive(clients, transceiver, 4242), timeout=10, what="recovered flows"
+            )
+            status = fleet.status()
+            assert status["routing_table"]["entries"] == 5
+            for client in clients:
+                client.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.redis
+def test_redis_stopped_mid_traffic_changes_nothing_for_live_flows(tmp_path, transceiver):
+    require_redis_server()
+    with RedisServer(tmp_path / "redis") as server:
+        with running_fleet(tmp_path, [transceiver], redis_url=server.url) as fleet:
+            clients = [Client(fleet.relay) for _ in range(4)]
+            for client in clients:
+                _establish(fleet, client, transceiver)
+            server.stop()
+            sent = 0
+            started = time.monotonic()
+            while time.monotonic() - started < 2.0:
+                for client in clients:
+                    client.send(rtp_packet(5000 + sent))
+                sent += 1
+                time.sleep(0.02)
+            time.sleep(0.3)
+            for client in clients:
+                got = {p for p in transceiver.payloads_from(client.address)}
+                missing = [s for s in range(sent) if rtp_packet(5000 + s) not in got]
+                assert missing == [], f"{len(missing)} of {sent} lost while Redis was down"
+            status = fleet.status()  # the supervisor still answers promptly
+            assert status["redis"]["mirror"]["connected"] is False
+            # New callers still get routes while Redis is down.
+            newcomer = Client(fleet.relay)
+            _establish(fleet, newcomer, transceiver)
+            server.start()
+            for client in [*clients, newcomer]:
+                client.close()
