@@ -354,7 +354,11 @@ class Supervisor:
     def _refresh_directory(self, force: bool = False) -> None:
         """Publish the registry into the shared directory; bump its generation on change."""
         snapshot = self.registry.snapshot()
-        entries = snapshot[0] if isinstance(snapshot, tuple) else snapshot
+        if getattr(snapshot, "stale", False) and not force:
+            # Redis is unreachable: heartbeats cannot be seen, so health cannot be judged.
+            # Keep routing to the transceivers we knew; live traffic must not notice.
+            return
+        entries = snapshot
         now_ms = int(time.time() * 1000)
         interval_ms = int(self._directory_interval() * 1000)
         wanted: dict[int, tuple[str, int, bool]] = {}

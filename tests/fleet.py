@@ -172,6 +172,8 @@ class Fleet:
             "restart_backoff_initial = 0.05",
             "[metrics]",
             "port = 0",
+            "[transceiver]",
+            "count = 0",
         ]
         if redis_url:
             lines += [

@@ -131,7 +131,7 @@ def test_forged_tokens_and_floods_create_no_routes_and_crash_nothing(tmp_path, t
         assert drops["wrong_cluster"] >= 20
         assert drops["unknown_transceiver"] >= 20
         assert drops["no_route"] >= 20
-        assert drops["bad_stun"] > 0
+        assert drops["bad_stun"] >= 20
         assert transceiver.received == []
         assert sorted(fleet.worker_pids()) == pids_before  # nobody crashed
         # A legitimate caller still gets through afterwards.
@@ -139,6 +139,15 @@ def test_forged_tokens_and_floods_create_no_routes_and_crash_nothing(tmp_path, t
         _establish(fleet, client, transceiver)
         for c in [*attackers, client]:
             c.close()
+
+
+def _request_without_username() -> bytes:
+    from aioice import stun
+
+    message = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.REQUEST)
+    message.attributes["PRIORITY"] = 1
+    message.add_fingerprint()
+    return bytes(message)
 
 
 def test_internal_side_is_not_an_open_reflector(tmp_path):
