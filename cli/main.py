@@ -112,7 +112,9 @@ def _print_summary(state: dict[str, Any]) -> None:
     if status and status.get("signaling_url"):
         click.echo(f"signaling: {status['signaling_url']}")
     if state.get("control_url"):
-        click.echo(f"metrics: {state['control_url']}/metrics  status: {state['control_url']}/status")
+        click.echo(
+            f"metrics: {state['control_url']}/metrics  status: {state['control_url']}/status"
+        )
 
 
 @cli.command()
@@ -213,7 +215,9 @@ def _print_status(info: dict[str, Any]) -> None:
         f"  routes      {table['entries']} / {table['capacity']} ({used:.1f}%), "
         f"{table['memory_bytes'] / 1e6:.1f} MB shared, {table['refused']} refused"
     )
-    click.echo("  workers     idx  pid      state      cpu  rx_pub   tx_pub   rx_int   tx_int   drops")
+    click.echo(
+        "  workers     idx  pid      state      cpu  rx_pub   tx_pub   rx_int   tx_int   drops"
+    )
     for w in relay["workers"]:
         c = w["counters"]
         drops = sum(w["drops"].values())

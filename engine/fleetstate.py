@@ -12,6 +12,7 @@ entries of 64 bytes indexed by transceiver id, then ``max_workers`` stats blocks
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import time
@@ -37,8 +38,11 @@ FLAG_DRAINING = 1
 # Directory entry words (offset within entry / 8).
 D_SEQ, D_STATE, D_FAMILY, D_PORT, D_ADDR_HI, D_ADDR_LO, D_LOAD_MILLI, D_HEARTBEAT_MS = range(8)
 TRANSCEIVER_ABSENT, TRANSCEIVER_HEALTHY, TRANSCEIVER_UNHEALTHY = 0, 1, 2
-_STATE_NAMES = {TRANSCEIVER_ABSENT: "absent", TRANSCEIVER_HEALTHY: "healthy",
-                TRANSCEIVER_UNHEALTHY: "unhealthy"}
+_STATE_NAMES = {
+    TRANSCEIVER_ABSENT: "absent",
+    TRANSCEIVER_HEALTHY: "healthy",
+    TRANSCEIVER_UNHEALTHY: "unhealthy",
+}
 
 # Worker stats block words.
 W_PID, W_STATE, W_STARTED_MS, W_HEARTBEAT_MS, W_INTERNAL_PORT, W_CPU, W_RCVBUF, W_SNDBUF = range(8)
@@ -146,10 +150,8 @@ class FleetState:
         except FileNotFoundError as exc:
             raise FleetStateError(f"fleet state segment {name!r} does not exist") from exc
         # Attaching must never make this process's exit unlink the segment.
-        try:
+        with contextlib.suppress(Exception):  # the tracker may not know it: nothing to undo
             resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
-        except Exception:
-            pass
         if shm.size < HEADER_SIZE:
             shm.close()
             raise FleetStateError(f"fleet state segment {name!r} is too small ({shm.size} bytes)")
@@ -175,10 +177,8 @@ class FleetState:
         self._shm.close()
 
     def unlink(self) -> None:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             self._shm.unlink()
-        except FileNotFoundError:
-            pass
 
     # -- fleet flags -------------------------------------------------------------------
     @property
@@ -272,7 +272,11 @@ class FleetState:
             address = ipaddress.IPv6Address(((hi << 64) | lo).to_bytes(16, "big"))
             host = str(address.ipv4_mapped) if family == 4 and address.ipv4_mapped else str(address)
             return DirectoryEntry(
-                transceiver_id, _STATE_NAMES.get(state, "unknown"), host, port, load / 1000,
+                transceiver_id,
+                _STATE_NAMES.get(state, "unknown"),
+                host,
+                port,
+                load / 1000,
                 heartbeat,
             )
         return None  # a writer died mid-update; the supervisor rewrites the entry

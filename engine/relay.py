@@ -342,7 +342,11 @@ class RelayWorker:
             for _ in range(100):  # seqlock read
                 seq = words[word + D_SEQ]
                 state, family = words[word + D_STATE], words[word + D_FAMILY]
-                port, hi, lo = words[word + D_PORT], words[word + D_ADDR_HI], words[word + D_ADDR_LO]
+                port, hi, lo = (
+                    words[word + D_PORT],
+                    words[word + D_ADDR_HI],
+                    words[word + D_ADDR_LO],
+                )
                 if not seq & 1 and words[word + D_SEQ] == seq:
                     break
             else:
@@ -352,11 +356,11 @@ class RelayWorker:
                 if family != 4:
                     self._transceiver_name[tid] = 0
                     continue
-                raw = sockaddr_for(socket.inet_ntop(socket.AF_INET, packed[12:]), port,
-                                   socket.AF_INET)
+                raw = sockaddr_for(
+                    socket.inet_ntop(socket.AF_INET, packed[12:]), port, socket.AF_INET
+                )
             else:
-                raw = sockaddr_for(socket.inet_ntop(socket.AF_INET6, packed), port,
-                                   socket.AF_INET6)
+                raw = sockaddr_for(socket.inet_ntop(socket.AF_INET6, packed), port, socket.AF_INET6)
             offset = tid * SOCKADDR_STRIDE
             names[offset : offset + len(raw)] = raw
             sources[self._source_key(raw)] = tid
@@ -435,7 +439,7 @@ class RelayWorker:
         cache_get = self._cache.get
         table_words = self.table.words
         names = self._transceiver_name
-        name_word, iov_word, out_iov = batch.name_word, batch.iov_word, out.iov_word
+        name_word, out_iov = batch.name_word, out.iov_word
         v4 = self.public_family == socket.AF_INET
         max_datagram = self.settings.max_datagram
         counters, drops = self.counters, self.drops

@@ -300,8 +300,9 @@ class Supervisor:
 
     def _all_workers_bound(self) -> bool:
         fleet = self.fleet
-        return all(fleet.read_worker(w.index).state in ("running", "draining")
-                   for w in self.workers)
+        return all(
+            fleet.read_worker(w.index).state in ("running", "draining") for w in self.workers
+        )
 
     def _reap_and_respawn(self, now: float) -> None:
         for worker in self.workers:
@@ -314,15 +315,24 @@ class Supervisor:
                 lived = now - worker.started_at
                 worker.failures = 0 if lived > 10 else worker.failures + 1
                 relay = self.config.relay
-                delay = min(
-                    relay.restart_backoff_initial * (2 ** max(worker.failures - 1, 0)),
-                    relay.restart_backoff_max,
-                ) if worker.failures else 0.0
+                delay = (
+                    min(
+                        relay.restart_backoff_initial * (2 ** max(worker.failures - 1, 0)),
+                        relay.restart_backoff_max,
+                    )
+                    if worker.failures
+                    else 0.0
+                )
                 worker.restart_at = now + delay
                 log.warning(
                     "worker died",
-                    extra={"worker": worker.index, "pid": pid, "code": code,
-                           "reclaimed_slots": reclaimed, "restart_in_s": round(delay, 3)},
+                    extra={
+                        "worker": worker.index,
+                        "pid": pid,
+                        "code": code,
+                        "reclaimed_slots": reclaimed,
+                        "restart_in_s": round(delay, 3),
+                    },
                 )
             if worker.process is None and not self.flags.drain and now >= worker.restart_at:
                 worker.restarts += 1
@@ -367,8 +377,9 @@ class Supervisor:
         changed = force or wanted != self._directory
         for tid, (host, port, healthy) in wanted.items():
             if force or self._directory.get(tid) != (host, port, healthy):
-                self.fleet.publish_transceiver(tid, host, port, healthy=healthy,
-                                               heartbeat_ms=now_ms)
+                self.fleet.publish_transceiver(
+                    tid, host, port, healthy=healthy, heartbeat_ms=now_ms
+                )
         for tid in set(self._directory) - set(wanted):
             self.fleet.withdraw_transceiver(tid)
         if changed:
@@ -433,23 +444,29 @@ class Supervisor:
         for worker in self.workers:
             stats = fleet.read_worker(worker.index)
             alive = worker.process is not None and worker.process.poll() is None
-            workers.append({
-                "index": worker.index,
-                "pid": stats.pid if alive else None,
-                "alive": alive,
-                "state": stats.state if alive else "restarting",
-                "internal_port": worker.internal_port,
-                "cpu": stats.cpu,
-                "rcvbuf": stats.rcvbuf,
-                "sndbuf": stats.sndbuf,
-                "restarts": worker.restarts,
-                "heartbeat_age_ms": max(0, int(time.time() * 1000) - stats.heartbeat_ms),
-                "counters": stats.counters,
-                "drops": stats.drops,
-            })
+            workers.append(
+                {
+                    "index": worker.index,
+                    "pid": stats.pid if alive else None,
+                    "alive": alive,
+                    "state": stats.state if alive else "restarting",
+                    "internal_port": worker.internal_port,
+                    "cpu": stats.cpu,
+                    "rcvbuf": stats.rcvbuf,
+                    "sndbuf": stats.sndbuf,
+                    "restarts": worker.restarts,
+                    "heartbeat_age_ms": max(0, int(time.time() * 1000) - stats.heartbeat_ms),
+                    "counters": stats.counters,
+                    "drops": stats.drops,
+                }
+            )
         transceivers = [
-            {"id": e.transceiver_id, "address": f"{e.host}:{e.port}", "health": e.state,
-             "load": e.load}
+            {
+                "id": e.transceiver_id,
+                "address": f"{e.host}:{e.port}",
+                "health": e.state,
+                "load": e.load,
+            }
             for e in fleet.transceivers()
         ]
         status: dict[str, Any] = {

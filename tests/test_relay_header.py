@@ -8,6 +8,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from voxrelay.proto.errors import ProtocolError
 from voxrelay.proto.relay_header import (
     FAMILY_IPV4,

@@ -12,6 +12,7 @@ import pytest
 from aioice import stun as aioice_stun
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from voxrelay.proto.errors import ProtocolError
 from voxrelay.proto.stun import (
     BINDING_REQUEST,

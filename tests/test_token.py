@@ -12,6 +12,7 @@ import struct
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from voxrelay.proto.errors import ProtocolError
 from voxrelay.proto.token import (
     TOKEN_LENGTH,
