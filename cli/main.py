@@ -117,19 +117,26 @@ def _print_summary(state: dict[str, Any]) -> None:
         )
 
 
+def _start_options(command):
+    """The options `up` and `relay` share."""
+    command = click.option(
+        "--wait", default=30.0, show_default=True, help="Seconds to wait for --detach."
+    )(command)
+    command = click.option(
+        "--detach", "-d", is_flag=True, help="Run in the background and return."
+    )(command)
+    return CONFIG_OPTION(command)
+
+
 @cli.command()
-@CONFIG_OPTION
-@click.option("--detach", "-d", is_flag=True, help="Run in the background and return.")
-@click.option("--wait", default=30.0, show_default=True, help="Seconds to wait for --detach.")
+@_start_options
 def up(config_path: str | None, detach: bool, wait: float) -> None:
-    """Start the whole fleet on this machine (relay workers and transceivers)."""
+    """Start the fleet on this machine (today the relay role; transceivers come next)."""
     _start(config_path, "up", detach, wait)
 
 
 @cli.command()
-@CONFIG_OPTION
-@click.option("--detach", "-d", is_flag=True, help="Run in the background and return.")
-@click.option("--wait", default=30.0, show_default=True, help="Seconds to wait for --detach.")
+@_start_options
 def relay(config_path: str | None, detach: bool, wait: float) -> None:
     """Run only the relay role (for a host that only relays)."""
     _start(config_path, "relay", detach, wait)

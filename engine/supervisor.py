@@ -34,6 +34,7 @@ import orjson
 from voxrelay.engine.config import Config, load_config, resolve_secrets
 from voxrelay.engine.fleetstate import FleetState
 from voxrelay.engine.metrics import FleetCollector, render_metrics
+from voxrelay.engine.redis_mirror import redact_url
 from voxrelay.engine.relay import WorkerSettings, open_public_socket
 from voxrelay.engine.routing import RoutingTable
 
@@ -495,7 +496,7 @@ class Supervisor:
         }
         if cfg.redis.url:
             mirror = self.mirror.stats_dict() if self.mirror is not None else None
-            status["redis"] = {"url": _redact_url(cfg.redis.url), "mirror": mirror}
+            status["redis"] = {"url": redact_url(cfg.redis.url), "mirror": mirror}
         return status
 
     def _start_http(self) -> None:
@@ -567,13 +568,6 @@ class Supervisor:
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.runtime_dir / "state.json")
         (self.runtime_dir / "supervisor.pid").write_text(f"{os.getpid()}\n")
-
-
-def _redact_url(url: str) -> str:
-    if "@" in url:
-        scheme, rest = url.split("://", 1) if "://" in url else ("", url)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
 
 
 def _static_entries(config: Config) -> list[tuple[int, str, int]]:
