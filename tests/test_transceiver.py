@@ -1,0 +1,151 @@
+"""The transceiver in direct mode (no relay): real UDP, real HTTP, aiortc as the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession
+from aiortc_caller import whip_call
+
+from voxrelay.engine.signaling import SignalingServer
+from voxrelay.engine.transceiver import Transceiver, TransceiverSettings
+
+pytestmark = pytest.mark.timeout(60)
+
+SECRET = os.urandom(32).hex()
+CHROMIUM_OFFER = (
+    Path(__file__).parent / "data" / "chromium-156" / "offer.sdp"
+    if (Path(__file__).parent / "data" / "chromium-156" / "offer.sdp").exists()
+    else Path("/work/shared/captures/chromium-156/offer.sdp")
+)
+
+
+@asynccontextmanager
+async def running_transceiver(**overrides):
+    settings = TransceiverSettings(
+        transceiver_id=7, cluster_id=3, token_secrets=[SECRET], **overrides
+    )
+    transceiver = Transceiver(settings)
+    await transceiver.open()
+    server = SignalingServer(transceiver)
+    await server.start()
+    try:
+        yield transceiver, server
+    finally:
+        transceiver.close()
+        await asyncio.sleep(0.05)
+        await server.stop()
+
+
+def test_aiortc_call_hears_its_tone_echoed_and_delete_ends_it():
+    async def scenario():
+        async with running_transceiver() as (transceiver, server):
+            result = await whip_call(server.url + "whip", seconds=2.5, frequency=440)
+            assert result.error == ""
+            assert result.status == 201, result.answer
+            assert result.location.startswith("/whip/7/")
+            assert "a=ice-lite" in result.answer
+            assert result.connected, result.states
+            assert result.loud_frames >= 25, result
+            assert abs(result.dominant_frequency() - 440) < 25
+            assert result.delete_status == 200
+            await asyncio.sleep(0.05)
+            assert transceiver.calls == {}
+            assert transceiver.calls_ended["ended by client (DELETE)"] == 1
+            assert transceiver.connect_times and transceiver.handshake_times
+
+    asyncio.run(scenario())
+
+
+def test_two_calls_at_once_each_hear_their_own_tone():
+    async def scenario():
+        async with running_transceiver() as (_, server):
+            low, high = await asyncio.gather(
+                whip_call(server.url + "whip", seconds=2.5, frequency=330),
+                whip_call(server.url + "whip", seconds=2.5, frequency=880),
+            )
+            for result, frequency in ((low, 330), (high, 880)):
+                assert result.connected, result
+                assert result.loud_frames >= 20, result
+                assert abs(result.dominant_frequency() - frequency) < 25
+
+    asyncio.run(scenario())
+
+
+def test_bearer_token_is_required_when_configured():
+    token = "s3cret-token-for-whip-tests"
+
+    async def scenario():
+        async with running_transceiver(signaling_token=token) as (_, server):
+            denied = await whip_call(server.url + "whip", seconds=0.1)
+            assert denied.status == 401
+            allowed = await whip_call(server.url + "whip", seconds=1.0, bearer=token)
+            assert allowed.status == 201 and allowed.connected
+            assert allowed.delete_status == 200
+
+    asyncio.run(scenario())
+
+
+def test_bad_offers_get_4xx_with_a_reason_and_cors_preflight_works():
+    async def scenario():
+        async with running_transceiver(max_sessions=1) as (transceiver, server):
+            url = server.url + "whip"
+            async with ClientSession() as http:
+                async with http.options(url) as response:
+                    assert response.status == 204
+                    assert response.headers["Access-Control-Allow-Origin"] == "*"
+                    assert "Location" in response.headers["Access-Control-Expose-Headers"]
+                    assert response.headers["Accept-Post"] == "application/sdp"
+                async with http.post(url, data="v=0\r\n", headers=_sdp) as response:
+                    assert response.status == 400
+                    assert "cannot accept this offer" in await response.text()
+                plain = {"Content-Type": "text/plain"}
+                async with http.post(url, data="hello", headers=plain) as r:
+                    assert r.status == 415
+                async with http.post(url, data=b"v" * 100_000, headers=_sdp) as response:
+                    assert response.status == 413
+                video_only = CHROMIUM_OFFER.read_text().replace("m=audio", "m=video")
+                async with http.post(url, data=video_only, headers=_sdp) as response:
+                    assert response.status == 400
+                    assert "audio" in (await response.text()).lower()
+                async with http.post(url, data=CHROMIUM_OFFER.read_text(), headers=_sdp) as r:
+                    assert r.status == 201
+                    assert r.headers["Access-Control-Allow-Origin"] == "*"
+                async with http.post(url, data=CHROMIUM_OFFER.read_text(), headers=_sdp) as r:
+                    assert r.status == 503  # max_sessions = 1
+                async with http.delete(server.url + "whip/7/nope") as response:
+                    assert response.status == 404
+                async with http.get(server.url) as response:
+                    assert response.status == 200 and "RTCPeerConnection" in await response.text()
+                async with http.get(server.url + "metrics") as response:
+                    assert "voxrelay_transceiver_calls_started" in await response.text()
+            assert len(transceiver.calls) == 1
+
+    asyncio.run(scenario())
+
+
+def test_garbage_datagrams_are_counted_and_calls_survive():
+    async def scenario():
+        async with running_transceiver() as (transceiver, server):
+            call = asyncio.create_task(whip_call(server.url + "whip", seconds=2.5))
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            junk = [b"", b"\x01", b"\x01\x04" + b"\x00" * 30, b"\x00\x01\x00\x00", b"\x16" * 50]
+            junk += [bytes([b]) * 40 for b in range(0, 256, 7)]
+            for _ in range(20):
+                for datagram in junk:
+                    sock.sendto(datagram, ("127.0.0.1", transceiver.port))
+                await asyncio.sleep(0.05)
+            result = await call
+            sock.close()
+            assert result.connected and result.loud_frames >= 20, result
+            assert sum(transceiver.drops.values()) >= 20 * (len(junk) - 1)
+
+    asyncio.run(scenario())
+
+
+_sdp = {"Content-Type": "application/sdp"}
