@@ -88,7 +88,11 @@ def _start(config_path: str | None, role: str, detach: bool, wait: float) -> Non
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         state = read_state(runtime_dir)
-        if state is not None and state.get("pid") == process.pid:
+        if (
+            state is not None
+            and state.get("pid") == process.pid
+            and _transceivers_ready(state, deadline)
+        ):
             _print_summary(state)
             click.echo(f"logs: {log_path}")
             return
@@ -99,6 +103,15 @@ def _start(config_path: str | None, role: str, detach: bool, wait: float) -> Non
             )
         time.sleep(0.05)
     raise click.ClickException(f"the fleet did not report ready within {wait:g} s; see {log_path}")
+
+
+def _transceivers_ready(state: dict[str, Any], deadline: float) -> bool:
+    """Whether this machine's transceivers serve signaling (true if it runs none)."""
+    status = _fetch_status(state)
+    if status is None:
+        return True  # metrics (and /status) disabled: state.json is all there is
+    local = status.get("local_transceivers") or []
+    return all(row.get("alive") and row.get("private_url") for row in local)
 
 
 def _print_summary(state: dict[str, Any]) -> None:
@@ -291,6 +304,13 @@ try:
 
     bench.add_command(relay_bench_command, "relay")
 except ImportError:  # the benchmark module is optional at import time
+    pass
+
+try:
+    from voxrelay.bench.setup_bench import setup_bench_command
+
+    bench.add_command(setup_bench_command, "setup")
+except ImportError:  # needs aiortc, which only the test extra installs
     pass
 
 

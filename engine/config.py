@@ -232,8 +232,9 @@ class TransceiversConfig:
 class TransceiverConfig:
     """The transceiver processes run on this machine (ids ``first_id`` .. + count - 1).
 
-    Transceiver ``i`` (0-based) uses ``port + i`` and ``signaling_port + i`` when those
-    are non-zero, and registers ``advertise_address`` as the address relays send to.
+    Transceiver ``i`` (0-based) uses UDP ``port + i`` when that is non-zero; all of them
+    share ``signaling_port`` (SO_REUSEPORT), and register ``advertise_address`` as the
+    address relays send to.
     """
 
     count: int
@@ -751,7 +752,8 @@ def _parse_local_transceivers(table: _Table, registry: TransceiversConfig) -> Tr
     port = _port_range(table, "port", 0, count)
     advertise = table.optional_ip("advertise_address", wildcard_ok=False)
     signaling_bind = table.ip("signaling_bind", "127.0.0.1")
-    signaling_port = _port_range(table, "signaling_port", 8080, count)
+    # Shared by all of this machine's transceivers (SO_REUSEPORT); 0 picks a free one.
+    signaling_port = table.integer("signaling_port", 8080, 0, _MAX_PORT)
     token = table.get("signaling_token")
     if token is _MISSING:
         token = None
@@ -868,7 +870,7 @@ def _check_port_conflicts(
     ]
     tcp = [
         ("metrics.port", metrics.bind, metrics.port, 1 if metrics.enabled else 0),
-        ("transceiver.signaling_port", local.signaling_bind, local.signaling_port, local.count),
+        ("transceiver.signaling_port", local.signaling_bind, local.signaling_port, 1),
     ]
     for listeners in (udp, tcp):
         for later in range(len(listeners)):

@@ -119,6 +119,7 @@ class FleetState:
 
     def __init__(self, shm: shared_memory.SharedMemory, owner: bool) -> None:
         self._shm = shm
+        self._closed = False
         self.owner = owner
         self.name = shm.name
         self.buffer = shm.buf
@@ -172,9 +173,23 @@ class FleetState:
         return cls(shm, owner=False)
 
     def close(self) -> None:
+        """Unmap the segment in this process (idempotent; the segment itself lives on).
+
+        ``words`` is a cast of the segment's buffer: it is released first, since the
+        mapping cannot be closed while any view of it is alive.
+        """
+        if self._closed:
+            return
         self.words.release()
+        try:
+            self._shm.close()
+        except BufferError as exc:
+            raise FleetStateError(
+                f"cannot unmap fleet state {self.name!r}: memoryviews taken from its buffer "
+                "are still alive; release them first"
+            ) from exc
         self.buffer = None  # type: ignore[assignment]
-        self._shm.close()
+        self._closed = True
 
     def unlink(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -200,6 +215,11 @@ class FleetState:
     @public_port.setter
     def public_port(self, port: int) -> None:
         self.words[H_PUBLIC_PORT] = port
+
+    @property
+    def supervisor_pid(self) -> int:
+        """Pid of the process that created the segment (the supervisor)."""
+        return self.words[H_SUPERVISOR_PID]
 
     @property
     def generation(self) -> int:

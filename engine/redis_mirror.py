@@ -11,11 +11,11 @@ Two classes, one per side (keys are fixed in docs/internals.md, "Redis"):
 
 * :class:`RouteMirror` runs in the supervisor, in its own thread. Every interval it scans
   the table and, in pipelines of ``batch_size`` commands, ``SET``s new or re-pointed
-  routes with a TTL of the idle timeout, ``PEXPIRE``s routes that carried traffic since
-  their last refresh (each at most every TTL/3), and ``DEL``s routes the supervisor
-  expired (:meth:`RouteMirror.forget`). On any Redis error it backs off exponentially, and
-  once Redis answers again it writes every live route anew, since it cannot know what a
-  failed pipeline or a restarted server kept.
+  routes with a TTL (``redis.route_ttl``, by default twice the idle timeout),
+  ``PEXPIRE``s routes that carried traffic since their last refresh (each at most every
+  TTL/3), and ``DEL``s routes the supervisor expired (:meth:`RouteMirror.forget`). On any
+  Redis error it backs off exponentially, and once Redis answers again it writes every
+  live route anew, since it cannot know what a failed pipeline or a restarted server kept.
 * :class:`RouteRecovery` runs in a relay worker, in a background thread. The hot loop calls
   :meth:`RouteRecovery.request`, which is O(1), never waits on Redis and allocates at most
   a bounded amount under a flood; the thread ``GET``s pending keys in batches and inserts

@@ -31,7 +31,9 @@ import socket
 import struct
 import sys
 import time
+from array import array
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import orjson
 
@@ -47,7 +49,9 @@ from voxrelay.engine.fleetstate import (
     DIRECTORY_ENTRIES,
     DROP_REASONS,
     ENTRY_SIZE,
+    H_GENERATION,
     TRANSCEIVER_HEALTHY,
+    W_COUNTERS,
     W_CPU,
     W_CPU_TIME_US,
     W_DROPS,
@@ -69,6 +73,9 @@ from voxrelay.proto.errors import ProtocolError
 from voxrelay.proto.relay_header import HEADER_SIZE
 from voxrelay.proto.stun import is_stun, server_ufrag
 from voxrelay.proto.token import TokenError, TokenVerifier, WrongClusterError
+
+if TYPE_CHECKING:
+    from voxrelay.engine.redis_mirror import RouteRecovery
 
 MMSGHDR_SIZE = 64  # struct mmsghdr on 64-bit Linux: msghdr (56) + msg_len (4) + padding
 IOVEC_SIZE = 16
@@ -236,6 +243,8 @@ class _Batch:
         self.vector = ctypes.c_void_p(base)
 
     def close(self) -> None:
+        if self.memory.closed:
+            return
         self.words.release()
         self.bytes.release()
         self.memory.close()
@@ -260,10 +269,15 @@ class RelayWorker:
         self.public: socket.socket | None = None
         self.internal: socket.socket | None = None
         self._stop = False
-        # Local counters: flushed into shared memory once per batch.
-        self.counters = [0] * len(COUNTER_NAMES)
-        self.drops = [0] * len(DROP_REASONS)
+        # Local counters, flushed into shared memory once per wake-up. Arrays of the
+        # shared words' own type, so a flush is two slice copies, not a store per counter.
+        self.counters = array("Q", bytes(8 * len(COUNTER_NAMES)))
+        self.drops = array("Q", bytes(8 * len(DROP_REASONS)))
         self._stats_word = fleet.worker_word(settings.index)
+        counters_word = self._stats_word + W_COUNTERS
+        drops_word = self._stats_word + W_DROPS
+        self._counter_words = slice(counters_word, counters_word + len(COUNTER_NAMES))
+        self._drop_words = slice(drops_word, drops_word + len(DROP_REASONS))
         # Caches: public sockaddr key -> [seq word, version, transceiver id, key address,
         # last-touch ms, last_seen word]; route key int -> [seq word, version, transceiver id,
         # client sockaddr words...].
@@ -272,6 +286,8 @@ class RelayWorker:
         self._directory_generation = -1
         self._transceiver_name: list[int] = [0] * DIRECTORY_ENTRIES  # sockaddr address or 0
         self._transceiver_sources: dict[int, int] = {}  # internal sockaddr key -> id
+        self._transceiver_names: mmap.mmap | None = None  # sockaddrs the iovecs point at
+        self._batches: list[_Batch] = []  # closed by close()
 
     # -- setup -----------------------------------------------------------------------
     def open(self) -> None:
@@ -292,6 +308,7 @@ class RelayWorker:
         self.internal_in = _Batch(n, size, receive=True, namelen=internal_namelen)
         self.to_transceivers = _Batch(n, 0, receive=False, namelen=internal_namelen)
         self.to_clients = _Batch(n, 0, receive=False, namelen=public_namelen)
+        self._batches = [self.public_in, self.internal_in, self.to_transceivers, self.to_clients]
         # To transceivers: two iovecs (header in shared memory, payload); to clients: one.
         for i in range(n):
             self.to_transceivers.words[i * 8 + 3] = 2
@@ -299,6 +316,60 @@ class RelayWorker:
         self._transceiver_names = mmap.mmap(-1, DIRECTORY_ENTRIES * SOCKADDR_STRIDE)
         self._transceiver_names_address = _atomics.address(self._transceiver_names)
         self._write_worker_info()
+        self._bind_loop_locals()
+
+    def _bind_loop_locals(self) -> None:
+        """Gather what the drain loops read into two tuples, unpacked once per wake-up.
+
+        A light load wakes the worker for one or two datagrams at a time, so the dozen
+        attribute lookups a drain call needs cost as much as the datagrams themselves.
+        Everything here is fixed once open() is done (caches are cleared, never replaced);
+        ``_transceiver_sources`` is replaced on directory changes and is read per call.
+        """
+        inbound, out = self.public_in, self.to_transceivers
+        self._public_locals = (
+            self.public.fileno(),
+            self.internal.fileno(),
+            inbound,
+            out,
+            inbound.words,
+            out.words,
+            inbound.payload_addresses,
+            inbound.bytes,
+            inbound.payload_offset,
+            inbound.payload_size,
+            self._cache.get,
+            self.table.words,
+            self._transceiver_name,
+            inbound.name_word,
+            out.iov_word,
+            self.public_family == socket.AF_INET,
+            self.settings.max_datagram,
+            self.counters,
+            self.drops,
+        )
+        inbound, out = self.internal_in, self.to_clients
+        self._internal_locals = (
+            self.internal.fileno(),
+            self.public.fileno(),
+            inbound,
+            out,
+            inbound.words,
+            out.words,
+            inbound.payload_addresses,
+            self._reverse.get,
+            self.table.words,
+            inbound.name_word,
+            out.iov_word,
+            out.name_word,
+            self.internal_family == socket.AF_INET,
+            self.public_family == socket.AF_INET,
+            inbound.payload_offset // 8,
+            inbound.payload_size,
+            self.settings.max_datagram,
+            self.counters,
+            self.drops,
+        )
 
     def _write_worker_info(self) -> None:
         s, words, base = self.settings, self.fleet.words, self._stats_word
@@ -310,16 +381,26 @@ class RelayWorker:
         words[base + W_RCVBUF] = self.public.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
         words[base + W_SNDBUF] = self.public.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
         # Counters continue from what a previous incarnation of this worker left.
-        for i in range(len(COUNTER_NAMES)):
-            self.counters[i] = words[base + 16 + i]
-        for i in range(len(DROP_REASONS)):
-            self.drops[i] = words[base + W_DROPS + i]
+        self.counters = array("Q", words[self._counter_words].tolist())
+        self.drops = array("Q", words[self._drop_words].tolist())
         words[base + W_STATE] = WORKER_STARTING
 
     def close(self) -> None:
+        """Close the sockets and unmap the batch arrays (idempotent).
+
+        Only this process's own buffers: the shared segments are closed by their owner
+        (``serve``), after this.
+        """
         for sock in (self.public, self.internal):
             if sock is not None:
                 sock.close()
+        self.public = self.internal = None
+        for batch in self._batches:
+            batch.close()
+        self._batches = []
+        if self._transceiver_names is not None:
+            self._transceiver_names.close()
+            self._transceiver_names = None
 
     def stop(self) -> None:
         self._stop = True
@@ -392,23 +473,26 @@ class RelayWorker:
         fleet_words, stats = self.fleet.words, self._stats_word
         fleet_words[stats + W_STATE] = WORKER_RUNNING
         next_housekeeping = 0.0
+        poll, clock = poller.poll, time.time
+        drain_public, drain_internal = self._drain_public, self._drain_internal
+        flush_counters = self._flush_counters
         try:
             while not self._stop:
-                if self.fleet.generation != self._directory_generation:
+                if fleet_words[H_GENERATION] != self._directory_generation:
                     self._refresh_directory()
-                events = poller.poll(0.2)
-                now = time.time()
+                events = poll(0.2)
+                now = clock()
                 now_ms = int(now * 1000)
                 for fd, _ in events:
                     if fd == public_fd:
-                        self._drain_public(now_ms)
+                        drain_public(now_ms)
                     else:
-                        self._drain_internal(now_ms)
+                        drain_internal(now_ms)
                 if now >= next_housekeeping:
                     next_housekeeping = now + 0.5
                     self._housekeeping(now_ms)
                 else:
-                    self._flush_counters()
+                    flush_counters()
         finally:
             poller.close()
             self._flush_counters()
@@ -423,26 +507,34 @@ class RelayWorker:
         self._flush_counters()
 
     def _flush_counters(self) -> None:
-        words, base = self.fleet.words, self._stats_word + 16
-        for i, value in enumerate(self.counters):
-            words[base + i] = value
-        base = self._stats_word + W_DROPS
-        for i, value in enumerate(self.drops):
-            words[base + i] = value
+        words = self.fleet.words
+        words[self._counter_words] = self.counters
+        words[self._drop_words] = self.drops
 
     def _drain_public(self, now_ms: int) -> None:
         """Read batches from clients until the socket is empty; forward each to its transceiver."""
-        batch, out = self.public_in, self.to_transceivers
-        fd, vec, count = self.public.fileno(), batch.vector, batch.count
-        recv_words, out_words = batch.words, out.words
-        payload_addresses = batch.payload_addresses
-        cache_get = self._cache.get
-        table_words = self.table.words
-        names = self._transceiver_name
-        name_word, out_iov = batch.name_word, out.iov_word
-        v4 = self.public_family == socket.AF_INET
-        max_datagram = self.settings.max_datagram
-        counters, drops = self.counters, self.drops
+        (
+            fd,
+            out_fd,
+            batch,
+            out,
+            recv_words,
+            out_words,
+            payload_addresses,
+            payload_bytes,
+            payload_offset,
+            payload_size,
+            cache_get,
+            table_words,
+            names,
+            name_word,
+            out_iov,
+            v4,
+            max_datagram,
+            counters,
+            drops,
+        ) = self._public_locals
+        vec, count = batch.vector, batch.count
         touch_before = now_ms - TOUCH_INTERVAL_MS
         while True:
             received = _recvmmsg(fd, vec, count, MSG_DONTWAIT, None)
@@ -450,10 +542,10 @@ class RelayWorker:
                 return
             counters[0] += received  # rx_public
             counters[9] += 1  # batches
-            sent = 0
+            sent = bytes_in = 0
             for i in range(received):
                 length = recv_words[i * 8 + 7] & 0xFFFFFFFF
-                counters[4] += length
+                bytes_in += length
                 if length > max_datagram:
                     drops[7] += 1  # oversize
                     continue
@@ -469,7 +561,7 @@ class RelayWorker:
                     entry = self._public_miss(key, i, length, now_ms)
                     if entry is None:
                         continue
-                elif batch.bytes[batch.payload_offset + i * batch.payload_size] < 2:
+                elif payload_bytes[payload_offset + i * payload_size] < 2:
                     # A STUN request on a known route: may carry a token for another
                     # transceiver (a new session from the same address). Rare: once per
                     # consent check.
@@ -490,33 +582,44 @@ class RelayWorker:
                 out_words[o + 2] = payload_addresses[i]
                 out_words[o + 3] = length
                 sent += 1
+            counters[4] += bytes_in
             if sent:
-                self._send(self.internal.fileno(), out, sent, 3)
+                self._send(out_fd, out, sent, 3)
             if received < count:
                 return
 
     def _drain_internal(self, now_ms: int) -> None:
         """Read batches from transceivers; send each payload to its client from the public port."""
-        batch, out = self.internal_in, self.to_clients
-        fd, vec, count = self.internal.fileno(), batch.vector, batch.count
-        recv_words, out_words = batch.words, out.words
-        payload_addresses = batch.payload_addresses
-        reverse_get = self._reverse.get
+        (
+            fd,
+            out_fd,
+            batch,
+            out,
+            recv_words,
+            out_words,
+            payload_addresses,
+            reverse_get,
+            table_words,
+            name_word,
+            out_iov,
+            out_name,
+            v4_internal,
+            v4_public,
+            payload_word,
+            payload_stride,
+            max_datagram,
+            counters,
+            drops,
+        ) = self._internal_locals
+        vec, count = batch.vector, batch.count
         sources = self._transceiver_sources
-        table_words = self.table.words
-        name_word, out_iov, out_name = batch.name_word, out.iov_word, out.name_word
-        v4_internal = self.internal_family == socket.AF_INET
-        v4_public = self.public_family == socket.AF_INET
-        payload_word, payload_stride = batch.payload_offset // 8, batch.payload_size
-        max_datagram = self.settings.max_datagram
-        counters, drops = self.counters, self.drops
         aligned = payload_stride % 8 == 0
         while True:
             received = _recvmmsg(fd, vec, count, MSG_DONTWAIT, None)
             if received <= 0:
                 return
             counters[2] += received  # rx_internal
-            sent = 0
+            sent = bytes_out = 0
             for i in range(received):
                 length = recv_words[i * 8 + 7] & 0xFFFFFFFF
                 if length > max_datagram:
@@ -559,10 +662,11 @@ class RelayWorker:
                 o = out_iov + sent * 4
                 out_words[o] = payload_addresses[i] + HEADER_SIZE
                 out_words[o + 1] = length - HEADER_SIZE
-                counters[5] += length - HEADER_SIZE
+                bytes_out += length - HEADER_SIZE
                 sent += 1
+            counters[5] += bytes_out
             if sent:
-                self._send(self.public.fileno(), out, sent, 1)
+                self._send(out_fd, out, sent, 1)
             if received < count:
                 return
 
@@ -731,37 +835,67 @@ class RelayWorker:
 
 
 def serve(settings: WorkerSettings) -> int:
-    """Entry point of a worker process: attach shared state, bind, run until SIGTERM/SIGINT."""
-    table = RoutingTable.attach(settings.table_name)
-    fleet = FleetState.attach(settings.fleet_name)
-    verifier = TokenVerifier(
-        [bytes.fromhex(secret) for secret in settings.token_secrets], settings.cluster_id
-    )
-    recovery = None
-    if settings.redis_url:
-        from voxrelay.engine.redis_mirror import RouteRecovery
+    """Entry point of a worker process: attach shared state, bind, run until SIGTERM/SIGINT.
 
-        recovery = RouteRecovery(
-            table=table,
-            cluster_id=settings.cluster_id,
-            url=settings.redis_url,
-            rate=settings.recovery_rate,
-            negative_cache_seconds=settings.negative_cache_seconds,
-            socket_timeout=settings.redis_socket_timeout,
-            is_known_transceiver=lambda tid: fleet.read_transceiver(tid) is not None,
-        )
-        recovery.start()
-    worker = RelayWorker(settings, table, fleet, verifier, recovery)
-    signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-    signal.signal(signal.SIGINT, lambda *_: worker.stop())
-    worker.open()
+    On the way out the shared segments are closed explicitly, once nothing reads them any
+    more: left to the garbage collector at interpreter exit, a ``SharedMemory`` may be
+    finalized while a ``cast`` of its buffer is still alive, which prints "Exception
+    ignored ... BufferError: cannot close exported pointers exist".
+    """
+    table = RoutingTable.attach(settings.table_name)
+    fleet: FleetState | None = None
+    recovery = None
     try:
-        worker.run()
+        fleet = FleetState.attach(settings.fleet_name)
+        verifier = TokenVerifier(
+            [bytes.fromhex(secret) for secret in settings.token_secrets], settings.cluster_id
+        )
+        if settings.redis_url:
+            recovery = _start_recovery(settings, table, fleet)
+        worker = RelayWorker(settings, table, fleet, verifier, recovery)
+        supervisor_pid = fleet.supervisor_pid
+
+        def on_interrupt(signum: int, frame: object) -> None:
+            # Ctrl-C reaches the whole foreground process group. While our supervisor
+            # lives it is the supervisor's cue to drain (it stops us with SIGTERM after the
+            # grace period); stopping at once would cut the flows the drain keeps alive.
+            if os.getppid() != supervisor_pid:
+                worker.stop()
+
+        signal.signal(signal.SIGTERM, lambda *_: worker.stop())
+        signal.signal(signal.SIGINT, on_interrupt)
+        try:
+            worker.open()
+            worker.run()
+        finally:
+            worker.close()
     finally:
-        if recovery is not None:
-            recovery.stop()
-        worker.close()
+        # A recovery thread still inside a Redis call may write the table next, and
+        # unmapping under it would crash the process: then leave the mappings to exit.
+        if recovery is None or recovery.stop():
+            if fleet is not None:
+                fleet.close()
+            table.close()
     return 0
+
+
+def _start_recovery(
+    settings: WorkerSettings, table: RoutingTable, fleet: FleetState
+) -> RouteRecovery:
+    """Start the background thread that looks unknown callers up in Redis."""
+    from voxrelay.engine.redis_mirror import RouteRecovery
+
+    recovery = RouteRecovery(
+        table=table,
+        cluster_id=settings.cluster_id,
+        url=settings.redis_url,
+        rate=settings.recovery_rate,
+        negative_cache_seconds=settings.negative_cache_seconds,
+        socket_timeout=settings.redis_socket_timeout,
+        is_known_transceiver=lambda tid: fleet.read_transceiver(tid) is not None,
+    )
+    recovery.start()
+    return recovery
 
 
 def main() -> None:

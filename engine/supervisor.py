@@ -32,11 +32,11 @@ from typing import Any
 import orjson
 
 from voxrelay.engine.config import Config, load_config, resolve_secrets
-from voxrelay.engine.fleetstate import FleetState
+from voxrelay.engine.fleetstate import FleetState, FleetStateError
 from voxrelay.engine.metrics import FleetCollector, render_metrics
 from voxrelay.engine.redis_mirror import redact_url
 from voxrelay.engine.relay import WorkerSettings, open_public_socket
-from voxrelay.engine.routing import RoutingTable
+from voxrelay.engine.routing import RoutingTable, TableError
 
 log = logging.getLogger("voxrelay.supervisor")
 
@@ -122,6 +122,7 @@ class Supervisor:
         self.started_ms = int(time.time() * 1000)
         self.metrics_url: str | None = None
         self.signaling_url: str | None = None
+        self.transceivers = None  # TransceiverPool when this machine runs transceivers
 
     # -- lifecycle ---------------------------------------------------------------------
     def start(self) -> None:
@@ -158,6 +159,17 @@ class Supervisor:
             ) from exc
         self.public_port = self._port_holder.getsockname()[1]
         self.fleet.public_port = self.public_port
+        if self.role == "up" and cfg.transceiver.count:
+            from voxrelay.engine.transceiver_pool import TransceiverPool
+
+            self.transceivers = TransceiverPool(
+                cfg,
+                secrets=self._secrets,
+                candidate_address=relay.public_address,
+                candidate_port=self.public_port,
+                runtime_dir=self.runtime_dir,
+            )
+            self.signaling_url = self.transceivers.signaling_url
         self._setup_registry()
         self._refresh_directory(force=True)
         cpus = sorted(os.sched_getaffinity(0))
@@ -174,6 +186,8 @@ class Supervisor:
             self.workers.append(WorkerProcess(index=index, internal_port=port, pin_cpu=pin))
         for worker in self.workers:
             self._spawn(worker)
+        if self.transceivers is not None:
+            self.transceivers.start()
         self._setup_mirror()
         self._start_http()
         self._write_state()
@@ -184,6 +198,7 @@ class Supervisor:
                 "workers": relay.workers,
                 "table_capacity": relay.table_capacity,
                 "metrics": self.metrics_url,
+                "signaling": self.signaling_url,
                 "redis": bool(cfg.redis.url),
             },
         )
@@ -198,10 +213,10 @@ class Supervisor:
                 url=cfg.redis.url,
                 socket_timeout=cfg.redis.socket_timeout,
                 heartbeat_interval=cfg.redis.heartbeat_interval,
-                static=_static_entries(cfg),
+                static=self._static_entries(),
             )
         else:
-            self.registry = StaticRegistry(_static_entries(cfg))
+            self.registry = StaticRegistry(self._static_entries())
 
     def _setup_mirror(self) -> None:
         cfg = self.config
@@ -268,6 +283,8 @@ class Supervisor:
             while not self.flags.drain:
                 now = time.monotonic()
                 self._reap_and_respawn(now)
+                if self.transceivers is not None:
+                    self.transceivers.poll(now)
                 if self._port_holder is not None and self._all_workers_bound():
                     self._port_holder.close()  # workers hold the port now
                     self._port_holder = None
@@ -285,8 +302,17 @@ class Supervisor:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+            if self.transceivers is not None:
+                self.transceivers.stop(timeout=2)
             self.close()
         return 0
+
+    def _static_entries(self) -> list[tuple[int, str, int]]:
+        """The config's static registry plus this machine's own transceivers."""
+        entries = _static_entries(self.config)
+        if self.transceivers is not None and not self.config.redis.url:
+            entries += self.transceivers.entries()
+        return entries
 
     def _directory_interval(self) -> float:
         return self.config.redis.heartbeat_interval if self.config.redis.url else 5.0
@@ -358,7 +384,7 @@ class Supervisor:
                 return
             self.config = _replace_transceivers(self.config, fresh)
             if hasattr(self.registry, "reload"):
-                self.registry.reload(_static_entries(self.config))
+                self.registry.reload(self._static_entries())
         self._refresh_directory(force=True)
         log.info("registry reloaded", extra={"transceivers": len(self._directory)})
 
@@ -393,10 +419,18 @@ class Supervisor:
         log.info("draining", extra={"grace_s": grace})
         self.fleet.set_draining(True)
         self._write_state(draining=True)
+        if self.transceivers is not None:
+            self.transceivers.drain()  # no new calls; live ones go on
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and not self.flags.stop_now:
             time.sleep(0.05)
             self._reap_and_respawn(time.monotonic())  # keep flows alive during the grace
+            if self.transceivers is not None:
+                self.transceivers.poll(time.monotonic(), respawn=False)
+        if self.transceivers is not None:
+            # Before the relay workers: the calls' goodbyes (RTCP BYE, close_notify) leave
+            # through them.
+            self.transceivers.stop(timeout=5)
         for worker in self.workers:
             if worker.process is not None:
                 with contextlib.suppress(ProcessLookupError):
@@ -411,8 +445,10 @@ class Supervisor:
         log.info("drained")
 
     def close(self) -> None:
+        table_in_use = False
         if self.mirror is not None:
-            self.mirror.stop()
+            # A mirror thread still inside a Redis call reads the table next.
+            table_in_use = not self.mirror.stop()
             self.mirror = None
         if self.registry is not None and hasattr(self.registry, "close"):
             self.registry.close()
@@ -427,11 +463,10 @@ class Supervisor:
             if worker.process is not None and worker.process.poll() is None:
                 worker.process.kill()
                 worker.process.wait()
-        for segment in (self.table, self.fleet):
-            if segment is not None:
-                segment.unlink()
-                with contextlib.suppress(BufferError):
-                    segment.close()
+        if self.table is not None:
+            _unlink_and_close(self.table, unmap=not table_in_use)
+        if self.fleet is not None:
+            _unlink_and_close(self.fleet, unmap=True)
         self.table = self.fleet = None
         for name in ("state.json", "supervisor.pid"):
             with contextlib.suppress(FileNotFoundError):
@@ -492,6 +527,7 @@ class Supervisor:
                 "refused": table.refused_count,
             },
             "transceivers": transceivers,
+            "local_transceivers": self.transceivers.status() if self.transceivers else [],
             "redis": None,
         }
         if cfg.redis.url:
@@ -568,6 +604,30 @@ class Supervisor:
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.runtime_dir / "state.json")
         (self.runtime_dir / "supervisor.pid").write_text(f"{os.getpid()}\n")
+
+
+def _unlink_and_close(segment: RoutingTable | FleetState, *, unmap: bool) -> None:
+    """Destroy a shared segment and unmap it here.
+
+    Unmapping explicitly (each close() releases its casts of the buffer first) is what
+    keeps ``SharedMemory.__del__`` from printing "BufferError: cannot close exported
+    pointers exist" at exit. A view leaked elsewhere is logged with the segment's name.
+    ``unmap=False`` when a thread that may still read the segment could not be stopped:
+    unmapping under it would crash the process, so the mapping goes with the process.
+    """
+    with contextlib.suppress(FileNotFoundError):
+        segment.unlink()
+    if not unmap:
+        log.warning(
+            "shared segment left mapped, a thread still uses it", extra={"segment": segment.name}
+        )
+        return
+    try:
+        segment.close()
+    except (BufferError, TableError, FleetStateError) as exc:
+        log.warning(
+            "cannot unmap shared segment", extra={"segment": segment.name, "error": str(exc)}
+        )
 
 
 def _static_entries(config: Config) -> list[tuple[int, str, int]]:

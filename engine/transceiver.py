@@ -92,6 +92,9 @@ class TransceiverSettings:
     heartbeat_interval: float = 2.0
     log_level: str = "info"
     log_format: str = "json"
+    supervised: bool = False
+    """Started by a supervisor: ignore Ctrl-C's SIGINT (the supervisor drains, then sends
+    SIGTERM), so calls keep flowing through the drain grace period."""
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> bytes:
@@ -489,10 +492,14 @@ async def run(settings: TransceiverSettings, stop: asyncio.Event | None = None) 
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    if settings.supervised:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM,) if settings.supervised else (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
     transceiver = Transceiver(settings)
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGUSR1, setattr, transceiver, "draining", True)
     await transceiver.open()
     server = SignalingServer(transceiver)
     await server.start()

@@ -225,8 +225,7 @@ def parse_rtcp(data: BufferLike) -> list[RtcpPacket]:
                 raise RtcpError("RTCP padding count is 0; it counts itself, so it is at least 1")
             if padding > end - start:
                 raise RtcpError(
-                    f"RTCP padding count {padding} exceeds the packet's {end - start} "
-                    "payload bytes"
+                    f"RTCP padding count {padding} exceeds the packet's {end - start} payload bytes"
                 )
             body_end = end - padding
         count = first & 0x1F
@@ -238,7 +237,7 @@ def parse_rtcp(data: BufferLike) -> list[RtcpPacket]:
             packets.append(_parse_source_description(data, start, body_end, count))
         elif packet_type == BYE:
             packets.append(_parse_bye(data, start, body_end, count))
-        elif packet_type == RTPFB or packet_type == PSFB:
+        elif packet_type in (RTPFB, PSFB):
             if body_end - start < 8:
                 raise RtcpError(
                     f"RTCP feedback packet type {packet_type} needs 8 bytes of sender and "
@@ -283,16 +282,13 @@ def _parse_receiver_report(data: bytes, start: int, end: int, count: int) -> Rec
     need = 4 + 24 * count
     if end - start < need:
         raise RtcpError(
-            f"RTCP receiver report with {count} report blocks needs {need} bytes, "
-            f"has {end - start}"
+            f"RTCP receiver report with {count} report blocks needs {need} bytes, has {end - start}"
         )
     (ssrc,) = _SSRC_LISTS[1].unpack_from(data, start)
     return ReceiverReport(ssrc, _parse_report_blocks(data, start + 4, count))
 
 
-def _parse_source_description(
-    data: bytes, start: int, end: int, count: int
-) -> SourceDescription:
+def _parse_source_description(data: bytes, start: int, end: int, count: int) -> SourceDescription:
     chunks = []
     offset = start
     for index in range(count):

@@ -142,9 +142,7 @@ class RtpPacket:
                         "RTP header extension data must be a multiple of 4 bytes and at most "
                         f"{0xFFFF * 4}, got {extension_length}"
                     )
-                parts.append(
-                    _EXTENSION_HEADER.pack(self.extension_profile, extension_length // 4)
-                )
+                parts.append(_EXTENSION_HEADER.pack(self.extension_profile, extension_length // 4))
                 parts.append(self.extension_data)
         except struct.error as error:
             raise RtpError(f"RTP header field out of range: {error}") from None

@@ -269,7 +269,8 @@ class CallSession:
         self._drain_ice(now)
         if self._closed_reason is not None:
             return
-        if self._tx is None and now - self.created_at >= self.settings.setup_timeout:
+        # Compared as get_timer() computes it: now - created_at can round below the timeout.
+        if self._tx is None and now >= self.created_at + self.settings.setup_timeout:
             self._close("setup timeout", now, polite=False)
             return
         timer = self.dtls.get_timer()

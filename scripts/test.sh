@@ -9,6 +9,9 @@ if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
 missing=()
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 command -v gcc >/dev/null 2>&1 || missing+=(gcc)
+# Debian's chromium for the browser call tests (driven by Playwright with executable_path;
+# never `playwright install`, which downloads its own browser).
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing system packages: ${missing[*]}"
   $SUDO apt-get update -qq

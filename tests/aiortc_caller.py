@@ -94,6 +94,7 @@ async def whip_call(
     frequency: float = 440.0,
     bearer: str | None = None,
     delete: bool = True,
+    on_location=None,
 ) -> CallResult:
     """Call ``url`` (a WHIP endpoint), send a tone for ``seconds``, analyse what comes back."""
     result = CallResult()
@@ -126,6 +127,8 @@ async def whip_call(
             if result.status != 201:
                 return result
             await pc.setRemoteDescription(RTCSessionDescription(result.answer, "answer"))
+            if on_location is not None:
+                on_location(result.location)
             track = await asyncio.wait_for(received.get(), 5)
             deadline = time.monotonic() + seconds
             while time.monotonic() < deadline:

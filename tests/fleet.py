@@ -10,6 +10,7 @@ import contextlib
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -210,6 +211,39 @@ class Fleet:
             lambda: all(w["state"] == "running" for w in self.status()["relay"]["workers"]),
             what="workers running",
         )
+
+    def up_foreground(self, stderr_path: Path) -> subprocess.Popen:
+        """Run `voxrelay up` in the foreground, as in a terminal, until its workers run.
+
+        It gets a session (and process group) of its own, so a test can deliver Ctrl-C the
+        way a terminal does, to the whole group, without hitting pytest. Its stdout and
+        stderr go to ``stderr_path`` (a file, so a full pipe can never stall it).
+        """
+        with open(stderr_path, "wb") as output:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "voxrelay", "up", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL,
+                stdout=output,
+                stderr=output,
+                start_new_session=True,
+            )
+        try:
+            wait_until(
+                lambda: (self.runtime_dir / "state.json").exists() or process.poll() is not None,
+                what="foreground fleet started",
+            )
+            if process.poll() is not None:
+                raise AssertionError(f"voxrelay up exited: {stderr_path.read_text()}")
+            self.state = json.loads((self.runtime_dir / "state.json").read_text())
+            wait_until(
+                lambda: all(w["state"] == "running" for w in self.status()["relay"]["workers"]),
+                what="workers running",
+            )
+        except BaseException:
+            kill_quietly(-process.pid, signal.SIGKILL)
+            process.wait()
+            raise
+        return process
 
     def down(self) -> None:
         if (self.runtime_dir / "state.json").exists():
