@@ -52,7 +52,12 @@ def _run_foreground(config_path: str | None, role: str) -> None:
 
     config = _load(config_path)
     setup_logging(config.fleet.log_level, config.fleet.log_format)
-    supervisor = Supervisor(config, config_path=config_path, role=role)
+    if role == "transceiver":
+        from voxrelay.engine.transceiver_pool import TransceiverHost
+
+        supervisor = TransceiverHost(config, config_path=config_path)
+    else:
+        supervisor = Supervisor(config, config_path=config_path, role=role)
     try:
         supervisor.start()
     except SupervisorError as exc:
@@ -116,12 +121,18 @@ def _transceivers_ready(state: dict[str, Any], deadline: float) -> bool:
 
 def _print_summary(state: dict[str, Any]) -> None:
     status = _fetch_status(state)
-    relay = status["relay"] if status else {}
-    click.echo(
-        f"voxrelay fleet {state['name']!r} up (pid {state['pid']}): relay "
-        f"{state['public_address']}:{state['public_port']}, "
-        f"{len(relay.get('workers', []))} workers"
-    )
+    relay = (status.get("relay") if status else None) or {}
+    if state.get("role") == "transceiver":
+        click.echo(
+            f"voxrelay transceivers {state['name']!r} up (pid {state['pid']}) behind relays "
+            f"{state['public_address']}:{state['public_port']}"
+        )
+    else:
+        click.echo(
+            f"voxrelay fleet {state['name']!r} up (pid {state['pid']}): relay "
+            f"{state['public_address']}:{state['public_port']}, "
+            f"{len(relay.get('workers', []))} workers"
+        )
     if status and status.get("signaling_url"):
         click.echo(f"signaling: {status['signaling_url']}")
     if state.get("control_url"):
@@ -144,7 +155,11 @@ def _start_options(command):
 @cli.command()
 @_start_options
 def up(config_path: str | None, detach: bool, wait: float) -> None:
-    """Start the fleet on this machine (today the relay role; transceivers come next)."""
+    """Start the whole fleet on this machine: relay workers, transceivers, echo backend.
+
+    Without --config it runs the embedded default: relays on 127.0.0.1:3478 and the echo
+    demo at http://127.0.0.1:8080/ (open it in a browser and talk).
+    """
     _start(config_path, "up", detach, wait)
 
 
@@ -153,6 +168,13 @@ def up(config_path: str | None, detach: bool, wait: float) -> None:
 def relay(config_path: str | None, detach: bool, wait: float) -> None:
     """Run only the relay role (for a host that only relays)."""
     _start(config_path, "relay", detach, wait)
+
+
+@cli.command()
+@_start_options
+def transceiver(config_path: str | None, detach: bool, wait: float) -> None:
+    """Run only the transceivers (for a host behind relays elsewhere; see etc/two-host)."""
+    _start(config_path, "transceiver", detach, wait)
 
 
 @cli.command()
@@ -224,12 +246,26 @@ def status(config_path: str | None, as_json: bool) -> None:
 def _print_status(info: dict[str, Any]) -> None:
     relay, table = info["relay"], info["routing_table"]
     flag = "  DRAINING" if info.get("draining") else ""
-    click.echo(f"fleet {info['name']!r} cluster {info['cluster_id']} pid {info['pid']}{flag}")
-    click.echo(f"  relay       {relay['public_address']}:{relay['port']} (bind {relay['bind']})")
+    role = info.get("role", "relay")
+    click.echo(
+        f"fleet {info['name']!r} cluster {info['cluster_id']} pid {info['pid']} ({role}){flag}"
+    )
+    if relay is not None:
+        click.echo(
+            f"  relay       {relay['public_address']}:{relay['port']} (bind {relay['bind']})"
+        )
     if info.get("signaling_url"):
         click.echo(f"  signaling   {info['signaling_url']}")
     if info.get("metrics_url"):
         click.echo(f"  metrics     {info['metrics_url']}/metrics")
+    for row in info.get("local_transceivers") or []:
+        state = "alive" if row["alive"] else "RESTARTING"
+        click.echo(
+            f"  transceiver #{row['id']:<5} pid {row['pid'] or '-':<8} udp {row['udp_port']:<6} "
+            f"{state}, {row['restarts']} restarts"
+        )
+    if relay is None:
+        return
     used = table["entries"] / table["capacity"] * 100 if table["capacity"] else 0
     click.echo(
         f"  routes      {table['entries']} / {table['capacity']} ({used:.1f}%), "

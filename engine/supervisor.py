@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -506,6 +507,7 @@ class Supervisor:
             for e in fleet.transceivers()
         ]
         status: dict[str, Any] = {
+            "role": self.role,
             "name": cfg.fleet.name,
             "cluster_id": cfg.fleet.cluster_id,
             "pid": os.getpid(),
@@ -539,52 +541,28 @@ class Supervisor:
         metrics = self.config.metrics
         if not metrics.enabled:
             return
-        supervisor = self
         collector = FleetCollector(self)
 
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                path = self.path.split("?", 1)[0]
-                try:
-                    if path == "/metrics":
-                        body, ctype = render_metrics(collector)
-                    elif path == "/status":
-                        body = orjson.dumps(supervisor.status(), option=orjson.OPT_INDENT_2)
-                        ctype = "application/json"
-                    elif path == "/healthz":
-                        ok = supervisor.fleet is not None and not supervisor.fleet.draining
-                        body = b"ok\n" if ok else b"draining\n"
-                        self._reply(200 if ok else 503, body, "text/plain")
-                        return
-                    else:
-                        self._reply(404, b"not found\n", "text/plain")
-                        return
-                except Exception as exc:
-                    self._reply(500, f"error: {exc}\n".encode(), "text/plain")
-                    return
-                self._reply(200, body, ctype)
+        def render() -> bytes:
+            body, _ = render_metrics(collector)
+            if self.transceivers is not None:
+                from voxrelay.engine.transceiver_pool import transceiver_metrics
 
-            def _reply(self, code: int, body: bytes, ctype: str) -> None:
-                self.send_response(code)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
+                body += transceiver_metrics(self.transceivers.status())
+            return body
 
         try:
-            self._http = ThreadingHTTPServer((metrics.bind, metrics.port), Handler)
+            self._http, self.metrics_url = serve_control_http(
+                metrics.bind,
+                metrics.port,
+                status=self.status,
+                metrics=render,
+                healthy=lambda: self.fleet is not None and not self.fleet.draining,
+            )
         except OSError as exc:
             raise SupervisorError(
                 f"cannot bind the metrics port {metrics.bind}:{metrics.port}: {exc.strerror}"
             ) from exc
-        self._http.daemon_threads = True
-        host, port = self._http.server_address[:2]
-        shown = f"[{host}]" if ":" in str(host) else host
-        self.metrics_url = f"http://{shown}:{port}"
-        threading.Thread(target=self._http.serve_forever, name="http", daemon=True).start()
 
     def _write_state(self, draining: bool = False) -> None:
         state = {
@@ -604,6 +582,55 @@ class Supervisor:
         tmp.write_text(json.dumps(state, indent=2))
         tmp.replace(self.runtime_dir / "state.json")
         (self.runtime_dir / "supervisor.pid").write_text(f"{os.getpid()}\n")
+
+
+def serve_control_http(
+    host: str,
+    port: int,
+    *,
+    status: Callable[[], dict[str, Any]],
+    metrics: Callable[[], bytes],
+    healthy: Callable[[], bool],
+) -> tuple[ThreadingHTTPServer, str]:
+    """Serve /metrics, /status and /healthz from a thread; returns the server and its URL."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            path = self.path.split("?", 1)[0]
+            try:
+                if path == "/metrics":
+                    body, ctype = metrics(), "text/plain; version=0.0.4; charset=utf-8"
+                elif path == "/status":
+                    body = orjson.dumps(status(), option=orjson.OPT_INDENT_2)
+                    ctype = "application/json"
+                elif path == "/healthz":
+                    ok = healthy()
+                    self._reply(200 if ok else 503, b"ok\n" if ok else b"draining\n", "text/plain")
+                    return
+                else:
+                    self._reply(404, b"not found\n", "text/plain")
+                    return
+            except Exception as exc:
+                self._reply(500, f"error: {exc}\n".encode(), "text/plain")
+                return
+            self._reply(200, body, ctype)
+
+        def _reply(self, code: int, body: bytes, ctype: str) -> None:
+            self.send_response(code)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    server.daemon_threads = True
+    bound_host, bound_port = server.server_address[:2]
+    shown = f"[{bound_host}]" if ":" in str(bound_host) else bound_host
+    threading.Thread(target=server.serve_forever, name="http", daemon=True).start()
+    return server, f"http://{shown}:{bound_port}"
 
 
 def _unlink_and_close(segment: RoutingTable | FleetState, *, unmap: bool) -> None:

@@ -223,3 +223,214 @@ class TransceiverPool:
                 row["private_url"] = published.get("private_url")
             rows.append(row)
         return rows
+
+
+def transceiver_metrics(rows: list[dict], timeout: float = 1.0) -> bytes:
+    """One Prometheus exposition of every local transceiver's metrics, merged.
+
+    Each transceiver serves its own ``/metrics`` on its private listener (the shared
+    signaling port would reach a random one); samples carry a ``transceiver`` label, so
+    merging the families by name gives one valid document for a single scrape.
+    """
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, object] = {}
+    for row in rows:
+        url = row.get("private_url")
+        if not url or not row.get("alive"):
+            continue
+        try:
+            with urllib.request.urlopen(url + "metrics", timeout=timeout) as response:
+                text = response.read().decode()
+        except OSError:
+            continue  # a transceiver restarting right now; the next scrape has it
+        for family in text_string_to_metric_families(text):
+            known = families.get(family.name)
+            if known is None:
+                families[family.name] = family
+            else:
+                known.samples.extend(family.samples)  # type: ignore[attr-defined]
+    lines: list[str] = []
+    for family in families.values():
+        name, kind = family.name, family.type  # type: ignore[attr-defined]
+        lines.append(f"# HELP {name} {family.documentation}")  # type: ignore[attr-defined]
+        lines.append(f"# TYPE {name} {kind}")
+        for sample in family.samples:  # type: ignore[attr-defined]
+            labels = ",".join(
+                f'{key}="{_escape_label(value)}"' for key, value in sorted(sample.labels.items())
+            )
+            shown = f"{sample.name}{{{labels}}}" if labels else sample.name
+            lines.append(f"{shown} {_format_value(sample.value)}")
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _format_value(value: float) -> str:
+    return repr(float(value)) if value != int(value) else f"{int(value)}.0"
+
+
+class TransceiverHost:
+    """``voxrelay transceiver``: this machine's transceivers without relays.
+
+    For a host that only runs transceivers (etc/two-host): relays elsewhere route callers
+    here, learning this host's transceivers from the Redis registry they heartbeat to.
+    Same runtime-directory contract as the relay supervisor (``state.json``,
+    ``supervisor.pid``, ``/status``), so ``voxrelay status`` and ``down`` work unchanged.
+    """
+
+    def __init__(self, config: Config, *, config_path: str | None = None) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.runtime_dir = Path(config.fleet.runtime_dir)
+        self.pool: TransceiverPool | None = None
+        self.metrics_url: str | None = None
+        self.started_ms = int(time.time() * 1000)
+        self._http = None
+        self._drain = False
+        self._stop_now = False
+
+    def start(self) -> None:
+        from voxrelay.engine.config import resolve_secrets
+        from voxrelay.engine.supervisor import SupervisorError, read_state
+
+        cfg = self.config
+        if cfg.transceiver.count == 0:
+            raise SupervisorError("[transceiver] count is 0: nothing to run on this host")
+        if not cfg.relay.port:
+            raise SupervisorError(
+                "relay.port must name the relays' public port: every answer from this host "
+                "gives relay.public_address:relay.port as the caller's only candidate"
+            )
+        if not cfg.redis.url:
+            log.warning(
+                "no redis.url: relays elsewhere can only find these transceivers through "
+                "their own [[transceivers.static]] entries"
+            )
+        self.runtime_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if read_state(self.runtime_dir) is not None:
+            raise SupervisorError(
+                f"a fleet named {cfg.fleet.name!r} is already running "
+                f"(runtime dir {self.runtime_dir}); stop it with `voxrelay down`"
+            )
+        self.pool = TransceiverPool(
+            cfg,
+            secrets=resolve_secrets(cfg),
+            candidate_address=cfg.relay.public_address,
+            candidate_port=cfg.relay.port,
+            runtime_dir=self.runtime_dir,
+        )
+        self.pool.start()
+        self._start_http()
+        self._write_state()
+        log.info(
+            "transceiver host started",
+            extra={"signaling": self.pool.signaling_url, "transceivers": cfg.transceiver.count},
+        )
+
+    def run(self) -> int:
+        assert self.pool is not None
+
+        def on_terminate(signum, frame) -> None:
+            if self._drain:
+                self._stop_now = True
+            self._drain = True
+
+        previous = {
+            signal.SIGTERM: signal.signal(signal.SIGTERM, on_terminate),
+            signal.SIGINT: signal.signal(signal.SIGINT, on_terminate),
+        }
+        try:
+            while not self._drain:
+                self.pool.poll(time.monotonic())
+                time.sleep(0.05)
+            self.pool.drain()
+            self._write_state(draining=True)
+            deadline = time.monotonic() + self.config.relay.drain_seconds
+            while time.monotonic() < deadline and not self._stop_now:
+                self.pool.poll(time.monotonic(), respawn=False)
+                time.sleep(0.05)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
+            self.pool.stop(timeout=5)
+            self.close()
+        log.info("drained")
+        return 0
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+        for name in ("state.json", "supervisor.pid"):
+            with contextlib.suppress(FileNotFoundError):
+                (self.runtime_dir / name).unlink()
+
+    def status(self) -> dict:
+        assert self.pool is not None
+        cfg = self.config
+        return {
+            "role": "transceiver",
+            "name": cfg.fleet.name,
+            "cluster_id": cfg.fleet.cluster_id,
+            "pid": os.getpid(),
+            "started_ms": self.started_ms,
+            "draining": self._drain,
+            "signaling_url": self.pool.signaling_url,
+            "metrics_url": self.metrics_url,
+            "relay": None,
+            "routing_table": None,
+            "transceivers": [],
+            "local_transceivers": self.pool.status(),
+            "redis": {"url": _redacted(cfg.redis.url)} if cfg.redis.url else None,
+        }
+
+    def _start_http(self) -> None:
+        from voxrelay.engine.supervisor import SupervisorError, serve_control_http
+
+        metrics = self.config.metrics
+        if not metrics.enabled:
+            return
+        pool = self.pool
+        assert pool is not None
+        try:
+            self._http, self.metrics_url = serve_control_http(
+                metrics.bind,
+                metrics.port,
+                status=self.status,
+                metrics=lambda: transceiver_metrics(pool.status()),
+                healthy=lambda: not self._drain,
+            )
+        except OSError as exc:
+            raise SupervisorError(
+                f"cannot bind the metrics port {metrics.bind}:{metrics.port}: {exc.strerror}"
+            ) from exc
+
+    def _write_state(self, draining: bool = False) -> None:
+        state = {
+            "pid": os.getpid(),
+            "role": "transceiver",
+            "name": self.config.fleet.name,
+            "config_path": self.config_path,
+            "control_url": self.metrics_url,
+            "public_address": self.config.relay.public_address,
+            "public_port": self.config.relay.port,
+            "draining": draining,
+            "drain_seconds": self.config.relay.drain_seconds,
+            "started_ms": self.started_ms,
+        }
+        tmp = self.runtime_dir / "state.json.tmp"
+        tmp.write_bytes(orjson.dumps(state, option=orjson.OPT_INDENT_2))
+        tmp.replace(self.runtime_dir / "state.json")
+        (self.runtime_dir / "supervisor.pid").write_text(f"{os.getpid()}\n")
+
+
+def _redacted(url: str) -> str:
+    from voxrelay.engine.redis_mirror import redact_url
+
+    return redact_url(url)

@@ -17,11 +17,25 @@ class LocalFleet:
     """`voxrelay up --detach` with transceivers, from a generated config."""
 
     def __init__(
-        self, tmp_path: Path, *, transceivers: int = 2, workers: int = 2, extra: str = ""
+        self,
+        tmp_path: Path,
+        *,
+        transceivers: int = 2,
+        workers: int = 2,
+        extra: str = "",
+        config: str | None = None,
     ) -> None:
+        """``config``, when given, replaces the generated file; ``{name}``,
+        ``{runtime_dir}`` and ``{secret}`` in it are filled in."""
         self.name = f"c{secrets.token_hex(4)}"
         self.runtime_dir = tmp_path / "run"
         self.config_path = tmp_path / "fleet.toml"
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        if config is not None:
+            self.config_path.write_text(
+                config.format(name=self.name, runtime_dir=self.runtime_dir, secret=SECRET.hex())
+            )
+            return
         self.config_path.write_text(
             "\n".join(
                 [

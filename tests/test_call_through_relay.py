@@ -12,6 +12,7 @@ import os
 import re
 import signal
 import time
+import urllib.request
 
 import pytest
 from aiohttp import ClientSession
@@ -111,3 +112,99 @@ def test_killed_transceiver_is_respawned_and_takes_new_calls(fleet):
     assert row["udp_port"] == victim["udp_port"]  # the relay's directory entry stays right
     result = asyncio.run(whip_call(row["private_url"] + "whip", seconds=1.5))
     assert result.connected and result.loud_frames >= 15, (result, fleet.log())
+
+
+RELAY_HOST = """
+[fleet]
+name = "{name}"
+cluster_id = 9
+runtime_dir = "{runtime_dir}"
+log_format = "text"
+[secrets]
+token_secrets = ["hex:{secret}"]
+[relay]
+bind = "127.0.0.1"
+port = 0
+workers = 2
+drain_seconds = 1
+[metrics]
+port = 0
+[transceiver]
+count = 0
+[redis]
+url = "REDIS"
+heartbeat_interval = 0.3
+mirror_interval = 0.1
+"""
+
+TRANSCEIVER_HOST = """
+[fleet]
+name = "{name}"
+cluster_id = 9
+runtime_dir = "{runtime_dir}"
+log_format = "text"
+[secrets]
+token_secrets = ["hex:{secret}"]
+[relay]
+public_address = "127.0.0.1"
+port = RELAY_PORT
+drain_seconds = 1
+[metrics]
+port = 0
+[transceiver]
+count = 2
+first_id = 101
+signaling_port = 0
+[redis]
+url = "REDIS"
+heartbeat_interval = 0.3
+"""
+
+
+def test_relay_host_and_transceiver_host_meet_through_redis(tmp_path):
+    """etc/two-host on one machine: `voxrelay relay` and `voxrelay transceiver`."""
+    from redis_server import RedisServer, require_redis_server
+
+    require_redis_server()
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    relays = LocalFleet(tmp_path / "a", config=RELAY_HOST.replace("REDIS", server.url))
+    relays.cli("relay", "--detach")
+    transceivers = None
+    try:
+        relay_port = relays.status()["relay"]["port"]
+        transceivers = LocalFleet(
+            tmp_path / "b",
+            config=TRANSCEIVER_HOST.replace("REDIS", server.url).replace(
+                "RELAY_PORT", str(relay_port)
+            ),
+        )
+        up = transceivers.cli("transceiver", "--detach")
+        assert "behind relays 127.0.0.1:" in up.stdout
+        status = transceivers.status()
+        assert status["role"] == "transceiver" and status["relay"] is None
+        assert [row["id"] for row in status["local_transceivers"]] == [101, 102]
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            known = {t["id"]: t for t in relays.status()["transceivers"]}
+            if {101, 102} <= set(known) and all(known[i]["health"] == "healthy" for i in known):
+                break
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"relays never saw the transceivers: {relays.status()}")
+        text = transceivers.cli("status").stdout
+        assert "transceiver #101" in text and "(transceiver)" in text
+
+        result = asyncio.run(whip_call(status["signaling_url"] + "whip", seconds=2.0))
+        assert result.connected, (result, relays.log(), transceivers.log())
+        assert result.loud_frames >= 20
+        assert f" {relay_port} typ host" in result.answer
+        with urllib.request.urlopen(status["metrics_url"] + "/metrics", timeout=5) as response:
+            metrics = response.read().decode()
+        assert 'voxrelay_transceiver_calls_started_total{transceiver="101"}' in metrics
+        assert 'voxrelay_transceiver_calls_started_total{transceiver="102"}' in metrics
+    finally:
+        if transceivers is not None:
+            transceivers.cli("down", "--now", check=False)
+        relays.cli("down", "--now", check=False)
+        server.stop()
