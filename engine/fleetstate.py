@@ -59,6 +59,7 @@ COUNTER_NAMES = (
     "routes_repointed",
     "recovery_requests",
     "batches",
+    "routes_released",  # a transceiver ended the call and released its client's route
 )
 DROP_REASONS = (
     "no_route",  # not STUN, unknown client (after a Redis recovery request, if configured)

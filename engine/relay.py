@@ -68,7 +68,16 @@ from voxrelay.engine.fleetstate import (
     WORKER_STARTING,
     FleetState,
 )
-from voxrelay.engine.routing import SLOT_KEY, SLOT_LAST_SEEN, SLOT_SEQ, RoutingTable, TableFull
+from voxrelay.engine.routing import HEADER_SIZE as ROUTING_HEADER_SIZE
+from voxrelay.engine.routing import (
+    SLOT_KEY,
+    SLOT_LAST_SEEN,
+    SLOT_SEQ,
+    SLOT_SIZE,
+    RoutingTable,
+    SlotBusy,
+    TableFull,
+)
 from voxrelay.proto.errors import ProtocolError
 from voxrelay.proto.relay_header import HEADER_SIZE
 from voxrelay.proto.stun import is_stun, server_ufrag
@@ -653,6 +662,10 @@ class RelayWorker:
                 if entry[2] != tid:
                     drops[11] += 1  # internal_wrong_transceiver: no open reflector
                     continue
+                if length == HEADER_SIZE:
+                    # A header alone: the owning transceiver ended the call (rare).
+                    self._release_route(entry, rkey)
+                    continue
                 nw = out_name + sent * 4
                 out_words[nw] = entry[3]
                 if not v4_public:
@@ -801,6 +814,17 @@ class RelayWorker:
         ]
         self._cache[key] = entry
         return entry
+
+    def _release_route(self, entry: list, rkey: int) -> None:
+        """Remove exactly the route ``entry`` cached (not a newer one in the same slot)."""
+        slot = (entry[0] * 8 - SLOT_SEQ - ROUTING_HEADER_SIZE) // SLOT_SIZE
+        try:
+            removed = self.table.remove(slot, expected_version=entry[1])
+        except SlotBusy:
+            removed = False
+        self._reverse.pop(rkey, None)
+        if removed:
+            self.counters[10] += 1  # routes_released
 
     def _internal_miss(self, rkey: int, i: int) -> list | None:
         batch = self.internal_in

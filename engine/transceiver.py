@@ -181,6 +181,7 @@ class Transceiver(asyncio.DatagramProtocol):
         self.datagrams_out = 0
         self.drops: Counter[str] = Counter()
         self.calls_started = 0
+        self.routes_released = 0
         self.calls_ended: Counter[str] = Counter()
         self.handshake_times: list[float] = []
         self.connect_times: list[float] = []
@@ -296,7 +297,12 @@ class Transceiver(asyncio.DatagramProtocol):
         for address in call.addresses:
             if self._by_address.get(address) is call:
                 del self._by_address[address]
-                self._via.pop(address, None)
+                via = self._via.pop(address, None)
+                if via is not None and self.transport is not None:
+                    # A bare relay header releases the client's route at once, instead of
+                    # leaving it to the relay's idle timeout (docs/internals.md).
+                    self.transport.sendto(header_from_address(address), via)
+                    self.routes_released += 1
         if call.timer is not None:
             call.timer.cancel()
             call.timer = None
@@ -463,6 +469,7 @@ class Transceiver(asyncio.DatagramProtocol):
             "datagrams_in": self.datagrams_in,
             "datagrams_out": self.datagrams_out,
             "drops": dict(self.drops),
+            "routes_released": self.routes_released,
             "draining": self.draining,
             "uptime_s": round(time.time() - self.started_at, 1),
         }

@@ -299,9 +299,11 @@ class IceLiteSession:
             self._events.append(Nominated(address))
 
     def _expire(self, now: float) -> None:
-        deadline = now - self.consent_timeout
+        # The same sum get_timer() returns: ``now - consent_timeout`` rounds differently
+        # (1000.1 + 30.0 - 30.0 < 1000.1), so handle_timer at the due time would do nothing
+        # and a driver would spin on a timer that never clears.
         for address, last_check in list(self._last_check.items()):
-            if last_check <= deadline:
+            if last_check + self.consent_timeout <= now:
                 del self._last_check[address]
                 if address == self._selected:
                     self._selected = None

@@ -56,7 +56,8 @@ def test_aiortc_calls_through_the_relay_hear_their_echo(fleet):
         assert result.delete_status == 200  # whichever sibling took the DELETE
 
     after = fleet.status()
-    assert after["routing_table"]["entries"] >= 4
+    created = sum(w["counters"]["routes_created"] for w in after["relay"]["workers"])
+    assert created >= 4  # one per call at least (a caller may check from several addresses)
     forwarded = sum(w["counters"]["tx_internal"] for w in after["relay"]["workers"])
     assert forwarded > 4 * 100
     per_transceiver = [fleet.transceiver_status(row) for row in after["local_transceivers"]]
@@ -208,3 +209,25 @@ def test_relay_host_and_transceiver_host_meet_through_redis(tmp_path):
             transceivers.cli("down", "--now", check=False)
         relays.cli("down", "--now", check=False)
         server.stop()
+
+
+def test_hang_up_releases_the_route_at_once(tmp_path):
+    local = LocalFleet(tmp_path, transceivers=1, workers=1)
+    local.cli("up", "--detach")
+    try:
+        status = local.status()
+        result = asyncio.run(whip_call(status["signaling_url"] + "whip", seconds=1.0))
+        assert result.connected and result.delete_status == 200
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            after = local.status()
+            released = sum(w["counters"]["routes_released"] for w in after["relay"]["workers"])
+            if released >= 1 and after["routing_table"]["entries"] == 0:
+                break
+            time.sleep(0.05)
+        else:
+            raise AssertionError(f"route not released: {after}")
+        transceiver = local.transceiver_status(after["local_transceivers"][0])
+        assert transceiver["routes_released"] >= 1
+    finally:
+        local.cli("down", "--now", check=False)

@@ -40,7 +40,12 @@ from voxrelay.proto.dtls.handshake import (
     parse_handshake_fragments,
     parse_use_srtp,
 )
-from voxrelay.proto.dtls.record import encode_record, parse_records
+from voxrelay.proto.dtls.record import (
+    MAX_PLAINTEXT_LENGTH,
+    MAX_SEQUENCE_NUMBER,
+    encode_record,
+    parse_records,
+)
 
 CHROMIUM_CLIENT_HELLO = (
     Path(__file__).parent / "data" / "chromium156_clienthello.bin"
@@ -662,11 +667,12 @@ def test_client_hello_without_extended_master_secret_is_refused_by_default():
     assert find_extension(server_hello.extensions, ExtensionType.EXTENDED_MASTER_SECRET) is None
 
 
+# Malformed handshake messages, alerts and ChangeCipherSpecs inside well-framed records
+# during the handshake get a fatal alert. Record-layer garbage (truncated headers or
+# lengths, unknown content types) is dropped silently instead: see RECORD_LAYER_GARBAGE.
 @pytest.mark.parametrize(
     ("datagram", "alert", "message"),
     [
-        (b"\x16\xfe\xfd\x00\x00" + bytes(6) + b"\x00\x40" + bytes(10), "DECODE_ERROR", "claims 64"),
-        (b"\x16\xfe\xfd" + bytes(5), "DECODE_ERROR", "record header truncated"),
         (
             encode_record(22, 0xFEFD, 0, 0, encode_handshake_fragment(1, 10, 0, 8, b"abcd")),
             "DECODE_ERROR",
@@ -675,7 +681,6 @@ def test_client_hello_without_extended_master_secret_is_refused_by_default():
         (encode_record(22, 0xFEFD, 0, 0, b""), "DECODE_ERROR", "carries no fragment"),
         (encode_record(21, 0xFEFD, 0, 0, b"\x02"), "DECODE_ERROR", "alerts are 2 bytes"),
         (encode_record(20, 0xFEFD, 0, 0, b"\x02"), "DECODE_ERROR", "ChangeCipherSpec"),
-        (encode_record(99, 0xFEFD, 0, 0, b"x"), "UNEXPECTED_MESSAGE", "content type 99"),
         (
             encode_record(22, 0xFEFD, 0, 0, encode_handshake_fragment(2, 3, 0, 0, b"abc")),
             "UNEXPECTED_MESSAGE",
@@ -753,6 +758,198 @@ def test_plaintext_handshake_after_handshake_is_ignored():
     server.receive_datagram(encode_record(22, 0xFEFD, 0, 77, fragment), START + 1)
     assert server.is_connected and server.next_event() is None
     assert server.datagrams_to_send(START + 1) == []
+
+
+# --- invalid records are dropped, never fatal (RFC 6347 4.1.2.7) ----------------------------
+
+# Anyone who can forge the peer's UDP source can send these, so none may end the connection.
+# name: (datagram, the reason it is counted under while the handshake is in progress)
+RECORD_LAYER_GARBAGE: dict[str, tuple[bytes, str]] = {
+    "one-byte": (b"\x17", "malformed"),
+    "truncated-header": (b"\x16\xfe\xfd" + bytes(5), "malformed"),
+    "length-beyond-datagram": (
+        b"\x16\xfe\xfd\x00\x00" + bytes(6) + b"\x00\x40" + bytes(10),
+        "malformed",
+    ),
+    "length-over-dtls-limit": (
+        b"\x17\xfe\xfd\x00\x01" + bytes(6) + b"\xff\xff" + bytes(100),
+        "malformed",
+    ),
+    "not-a-dtls-version": (encode_record(22, 0x0303, 0, 0, bytes(16)), "malformed"),
+    "unknown-content-type": (encode_record(99, 0xFEFD, 0, 0, b"x"), "unknown_content_type"),
+    "unknown-epoch": (encode_record(22, 0xFEFD, 9, 0, bytes(16)), "unknown_epoch"),
+    "oversized-plaintext": (
+        encode_record(22, 0xFEFD, 0, 1, bytes(MAX_PLAINTEXT_LENGTH + 1)),
+        "oversized",
+    ),
+    "epoch0-application-data": (
+        encode_record(23, 0xFEFD, 0, 1 << 40, b"hi"),
+        "early_application_data",
+    ),
+}
+# A handshake record under epoch-1 keys nobody has: buffered until the keys exist, then
+# it fails authentication.
+FORGED_EPOCH1_HANDSHAKE = encode_record(22, 0xFEFD, 1, 1 << 40, bytes(60))
+
+# Once connected, every epoch-0 record is unauthenticated, however well-formed.
+GARBAGE_AFTER_HANDSHAKE: dict[str, tuple[bytes, str]] = {
+    **RECORD_LAYER_GARBAGE,
+    "oversized-plaintext": (
+        RECORD_LAYER_GARBAGE["oversized-plaintext"][0],
+        "plaintext_after_handshake",
+    ),
+    "epoch0-application-data": (
+        RECORD_LAYER_GARBAGE["epoch0-application-data"][0],
+        "plaintext_after_handshake",
+    ),
+    "epoch0-handshake-garbage": (
+        encode_record(22, 0xFEFD, 0, 1 << 40, bytes(5)),
+        "plaintext_after_handshake",
+    ),
+    "epoch0-empty-handshake": (encode_record(22, 0xFEFD, 0, 3, b""), "plaintext_after_handshake"),
+    "epoch0-fragment-beyond-message": (
+        encode_record(22, 0xFEFD, 0, 4, encode_handshake_fragment(1, 10, 0, 8, b"abcd")),
+        "plaintext_after_handshake",
+    ),
+    "epoch0-odd-length-alert": (
+        encode_record(21, 0xFEFD, 0, 5, b"\x02"),
+        "plaintext_after_handshake",
+    ),
+    "epoch0-fatal-alert": (
+        encode_record(21, 0xFEFD, 0, 6, b"\x02\x28"),
+        "plaintext_after_handshake",
+    ),
+    "epoch0-close-notify": (
+        encode_record(21, 0xFEFD, 0, 7, b"\x01\x00"),
+        "plaintext_after_handshake",
+    ),
+    "epoch0-bad-change-cipher-spec": (
+        encode_record(20, 0xFEFD, 0, 8, b"\x02"),
+        "plaintext_after_handshake",
+    ),
+    "forged-epoch1-application-data": (
+        encode_record(23, 0xFEFD, 1, 1 << 40, bytes(60)),
+        "unauthenticated",
+    ),
+    "forged-epoch1-alert": (encode_record(21, 0xFEFD, 1, 9, bytes(26)), "unauthenticated"),
+    "forged-epoch1-handshake": (FORGED_EPOCH1_HANDSHAKE, "unauthenticated"),
+    "epoch2": (encode_record(23, 0xFEFD, 2, 0, bytes(60)), "unknown_epoch"),
+}
+
+
+def exchange_application_data(client: DtlsConnection, server: DtlsConnection, run: Run) -> None:
+    """Both directions still carry application data."""
+    client.send_application_data(b"still there?")
+    server.send_application_data(b"still here.")
+    drive(client, server, run=run)
+    assert run.server_events[-1] == ApplicationData(b"still there?")
+    assert run.client_events[-1] == ApplicationData(b"still here.")
+
+
+@pytest.mark.parametrize(
+    ("datagram", "reason"), RECORD_LAYER_GARBAGE.values(), ids=RECORD_LAYER_GARBAGE
+)
+def test_record_layer_garbage_before_the_handshake_is_dropped_and_counted(datagram, reason):
+    client, server = make_pair()
+    server.receive_datagram(datagram, START)
+    assert server.next_event() is None and server.datagrams_to_send(START) == []
+    assert server.dropped_records == {reason: 1}
+    run = handshake(client, server)
+    assert_keys_agree(run)
+    exchange_application_data(client, server, run)
+
+
+def test_forged_epoch1_record_before_the_handshake_is_dropped_once_keys_exist():
+    client, server = make_pair()
+    server.receive_datagram(FORGED_EPOCH1_HANDSHAKE, START)
+    assert server.next_event() is None and server.datagrams_to_send(START) == []
+    run = handshake(client, server)
+    assert_keys_agree(run)
+    assert server.dropped_records["unauthenticated"] == 1
+    exchange_application_data(client, server, run)
+
+
+def test_record_layer_garbage_around_every_flight_does_not_stop_the_handshake():
+    garbage = [datagram for datagram, _ in RECORD_LAYER_GARBAGE.values()]
+    garbage.append(FORGED_EPOCH1_HANDSHAKE)
+
+    def network(batch: int, direction: str, datagrams: list[bytes]) -> list[bytes]:
+        return [*garbage, *datagrams, *garbage]
+
+    client, server = make_pair()
+    run = handshake(client, server, network)
+    assert_keys_agree(run)
+    for conn in (client, server):
+        assert conn.dropped_records["malformed"] >= 5
+        assert conn.dropped_records["unauthenticated"] >= 1
+    exchange_application_data(client, server, run)
+
+
+@pytest.mark.parametrize("side", ["server", "client"])
+@pytest.mark.parametrize(
+    ("datagram", "reason"), GARBAGE_AFTER_HANDSHAKE.values(), ids=GARBAGE_AFTER_HANDSHAKE
+)
+def test_invalid_records_after_the_handshake_are_dropped_and_counted(side, datagram, reason):
+    client, server = make_pair()
+    run = handshake(client, server)
+    victim = server if side == "server" else client
+    dropped = victim.dropped_records.copy()
+    victim.receive_datagram(datagram, run.now)
+    assert victim.is_connected
+    assert victim.next_event() is None and victim.datagrams_to_send(run.now) == []
+    assert victim.dropped_records - dropped == {reason: 1}
+    exchange_application_data(client, server, run)
+
+
+def test_records_before_garbage_in_one_datagram_are_still_processed():
+    client, server = make_pair()
+    run = handshake(client, server)
+    client.send_application_data(b"first")
+    (datagram,) = client.datagrams_to_send(run.now)
+    dropped = server.dropped_records.copy()
+    server.receive_datagram(datagram + b"\x17\xfe", run.now)
+    assert server.next_event() == ApplicationData(b"first")
+    assert server.dropped_records - dropped == {"malformed": 1}
+    assert server.is_connected
+
+
+def test_malformed_alert_in_an_authenticated_record_is_still_fatal():
+    # Only the peer holds the epoch-1 keys, so its broken records deserve an alert.
+    client, server = make_pair()
+    run = handshake(client, server)
+    client._queue_record(ContentType.ALERT, b"\x02", client._write_epochs[1])
+    drive(client, server, run=run)
+    closed = [event for event in run.server_events if isinstance(event, ConnectionClosed)]
+    assert [event.alert for event in closed] == [AlertDescription.DECODE_ERROR]
+    assert "alerts are 2 bytes" in closed[0].reason
+
+
+FORGED_RECORDS = st.builds(
+    encode_record,
+    st.integers(0, 255),
+    st.sampled_from([0xFEFD, 0xFEFF, 0x0303]),
+    st.integers(0, 3),
+    st.integers(0, MAX_SEQUENCE_NUMBER),
+    st.binary(max_size=120),
+)
+
+
+def test_no_forged_datagram_ends_an_established_connection():
+    client, server = make_pair()
+    run = handshake(client, server)
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(st.lists(st.one_of(st.binary(max_size=60), FORGED_RECORDS), min_size=1, max_size=3))
+    def feed(parts: list[bytes]) -> None:
+        datagram = b"".join(parts)
+        for conn in (client, server):
+            conn.receive_datagram(datagram, run.now)
+            assert conn.is_connected
+            assert conn.next_event() is None and conn.datagrams_to_send(run.now) == []
+
+    feed()
+    assert server.dropped_records  # the forgeries were seen, and dropped
+    exchange_application_data(client, server, run)
 
 
 def test_close_notify_closes_both_sides():

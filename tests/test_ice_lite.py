@@ -507,6 +507,34 @@ def test_consent_expires_after_timeout_without_checks():
     assert session.next_event() is None  # reported once
 
 
+def test_consent_expires_at_exactly_the_time_get_timer_asked_for():
+    # 1000.1 + 30.0 - 30.0 rounds below 1000.1: the expiry must be the sum get_timer()
+    # returns, or handle_timer at the due time does nothing and the timer stays due.
+    session = new_session(consent_timeout=30.0)
+    session.receive_stun(request(use_candidate=True), CLIENT, 1000.1)
+    events(session)
+    due = session.get_timer()
+    assert due == 1000.1 + 30.0
+
+    session.handle_timer(due)
+    assert events(session) == [ConsentExpired(CLIENT)]
+    assert session.get_timer() is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    last_check=st.floats(0.0, 1e9, allow_nan=False),
+    consent_timeout=st.floats(0.001, 3600.0, allow_nan=False),
+)
+def test_handle_timer_at_its_timer_always_clears_it(last_check, consent_timeout):
+    session = new_session(consent_timeout=consent_timeout)
+    session.receive_stun(request(use_candidate=True), CLIENT, last_check)
+    due = session.get_timer()
+    assert due is not None
+    session.handle_timer(due)
+    assert session.get_timer() is None and not session.is_validated(CLIENT)
+
+
 def test_rejected_checks_do_not_refresh_consent():
     session = new_session(consent_timeout=30.0)
     session.receive_stun(request(use_candidate=True), CLIENT, 0.0)

@@ -13,10 +13,23 @@ Design rules of the state machine:
 * A peer is authenticated only by the SDP fingerprint of its certificate, checked right
   after it proved possession of the key (its CertificateVerify, or the signed
   ServerKeyExchange for a server) and before any key is exported.
-* Every protocol violation raises :class:`DtlsProtocolError` inside; the input method
-  turns it into a fatal alert and a :class:`ConnectionClosed` event, never an exception
-  to the caller. Records that fail authentication are dropped silently (RFC 6347
-  4.1.2.1).
+* Invalid records are dropped silently and counted in
+  :attr:`DtlsConnection.dropped_records` (RFC 6347 4.1.2.7, RFC 9147 4.5.2): UDP
+  sources are forged at will, so a record we cannot attribute to the peer must never end
+  the association. That covers record-layer garbage (a truncated header or length, a
+  version that is not DTLS, an unknown content type, an epoch we have no keys for,
+  an oversized plaintext record), replays, records that fail authentication (4.1.2.1),
+  and, once the handshake is complete, every plaintext epoch-0 record: handshake,
+  alert or anything else, well-formed or not, since only epoch-1 records can come from
+  the peer then.
+* Every other protocol violation raises :class:`DtlsProtocolError` inside; the input
+  method turns it into a fatal alert and a :class:`ConnectionClosed` event, never an
+  exception to the caller. These are errors inside well-framed records we accept: a
+  malformed or unexpected handshake message, alert or ChangeCipherSpec during the
+  handshake, or anything wrong in an authenticated epoch-1 record. During the handshake
+  an epoch-0 message is authenticated only later, by the Finished transcript, so a
+  forger could already end it with a well-formed fatal alert; dropping its malformed
+  messages would buy no safety and would cost a broken peer its diagnosis.
 * Handshake messages are reassembled from fragments in any order; a repeat of the tail
   of the peer's previous flight makes us retransmit ours (RFC 6347 4.2.4), and flights
   we are waiting on are retransmitted on a doubling timer.
@@ -30,8 +43,8 @@ from __future__ import annotations
 import contextlib
 import hmac
 import os
-from collections import deque
-from collections.abc import Callable, Sequence
+from collections import Counter, deque
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from enum import Enum, auto
 
@@ -161,6 +174,7 @@ MIN_DATAGRAM_SIZE = 64
 # Fragments smaller than this are not squeezed into the tail of a datagram.
 _MIN_USEFUL_FRAGMENT = 48
 _MAX_BUFFERED_FUTURE_RECORDS = 32
+_CONTENT_TYPES = frozenset(ContentType)
 
 
 @dataclass(frozen=True)
@@ -269,6 +283,9 @@ class DtlsConnection:
 
         self._state = _State.IDLE if self._role is CLIENT else _State.SERVER_WAIT_CLIENT_HELLO
         self._events: deque[DtlsEvent] = deque()
+        self.dropped_records: Counter[str] = Counter()
+        """Records dropped without effect, by reason (see :meth:`_drop`): a forger's
+        garbage shows up here instead of ending the connection."""
         self._outgoing: list[bytearray] = []
 
         # Record layer.
@@ -334,7 +351,7 @@ class DtlsConnection:
         if self._state is _State.CLOSED or self._state is _State.IDLE:
             return
         try:
-            for record in iter_records(bytes(data)):
+            for record in self._framed_records(bytes(data)):
                 self._handle_record(record, now)
                 if self._state is _State.CLOSED:
                     return
@@ -420,17 +437,61 @@ class DtlsConnection:
 
     # --- record layer -------------------------------------------------------------------
 
+    def _framed_records(self, datagram: bytes) -> Iterator[Record]:
+        """The records of a datagram up to the first that does not frame.
+
+        Unframeable bytes (a truncated header or length, a version that is not DTLS, a
+        length over the DTLS limit) leave no record boundary to trust, so the rest of the
+        datagram is dropped (RFC 6347 4.1.2.7); the records before them still count.
+        """
+        try:
+            yield from iter_records(datagram)
+        except DtlsProtocolError:
+            self._drop("malformed")
+
+    def _drop(self, reason: str) -> None:
+        """Discard a record silently, as RFC 6347 4.1.2.7 asks, and count it.
+
+        Reasons: ``malformed`` (the rest of a datagram that does not frame as records),
+        ``unknown_content_type``, ``unknown_epoch``, ``replayed``, ``unauthenticated``
+        (AEAD tag check failed), ``oversized`` (a plaintext record over 2^14 bytes),
+        ``plaintext_after_handshake`` (any epoch-0 record once connected) and
+        ``early_application_data``.
+        """
+        self.dropped_records[reason] += 1
+
     def _handle_record(self, record: Record, now: float) -> None:
+        if record.content_type not in _CONTENT_TYPES:
+            # Checked before decryption: unknown types are never worth an AEAD open.
+            self._drop("unknown_content_type")
+            return
+        if record.epoch == 0 and self._state is _State.CONNECTED:
+            # Plaintext after the handshake is unauthenticated: anyone could have sent it.
+            # A retransmitted final flight of the peer still reaches us: its Finished is
+            # in epoch 1 and makes us repeat our own flight.
+            self._drop("plaintext_after_handshake")
+            return
+        if record.content_type == ContentType.APPLICATION_DATA and (
+            self._state is not _State.CONNECTED
+        ):
+            # Not worth a decryption, nor a move of the replay window.
+            self._drop("early_application_data")
+            return
         read = self._read_epochs.get(record.epoch)
         if read is None:
-            # Keys for the next epoch may arrive in a message still in flight.
+            # During the handshake, keys for the next epoch may arrive in a message still
+            # in flight; once connected no new epoch ever comes (no renegotiation).
             if (
-                record.epoch == max(self._read_epochs) + 1
+                self._state is not _State.CONNECTED
+                and record.epoch == max(self._read_epochs) + 1
                 and len(self._future_records) < _MAX_BUFFERED_FUTURE_RECORDS
             ):
                 self._future_records.append(record)
+            else:
+                self._drop("unknown_epoch")
             return
         if read.window.is_replay(record.sequence_number):
+            self._drop("replayed")
             return
         if read.protection is None:
             payload = record.fragment
@@ -443,9 +504,13 @@ class DtlsConnection:
                 record.fragment,
             )
             if opened is None:
-                return  # RFC 6347 4.1.2.1: drop records that fail authentication
+                self._drop("unauthenticated")  # RFC 6347 4.1.2.1
+                return
             payload = opened
         if len(payload) > MAX_PLAINTEXT_LENGTH:
+            if read.protection is None:
+                self._drop("oversized")  # only an authenticated record speaks for the peer
+                return
             raise DtlsProtocolError(
                 AlertDescription.RECORD_OVERFLOW,
                 f"record plaintext of {len(payload)} bytes exceeds {MAX_PLAINTEXT_LENGTH}",
@@ -464,15 +529,9 @@ class DtlsConnection:
             if payload != b"\x01":
                 raise DtlsDecodeError(f"ChangeCipherSpec must be 0x01, got {payload.hex()}")
         elif content_type == ContentType.ALERT:
-            self._handle_alert(payload, record.epoch)
-        elif content_type == ContentType.APPLICATION_DATA:
-            if record.epoch > 0 and self._state is _State.CONNECTED:
-                self._events.append(ApplicationData(payload))
-        else:
-            raise DtlsProtocolError(
-                AlertDescription.UNEXPECTED_MESSAGE,
-                f"record content type {content_type} is not a DTLS 1.2 content type",
-            )
+            self._handle_alert(payload)
+        else:  # application data in epoch 1 of a connected association, as checked above
+            self._events.append(ApplicationData(payload))
 
     def _drain_future_records(self, now: float) -> None:
         while self._future_records and self._future_records[0].epoch in self._read_epochs:
@@ -482,11 +541,10 @@ class DtlsConnection:
                     return
                 self._handle_record(record, now)
 
-    def _handle_alert(self, payload: bytes, epoch: int) -> None:
+    def _handle_alert(self, payload: bytes) -> None:
+        # Epoch-0 alerts after the handshake never get here (see _handle_record).
         if not payload or len(payload) % 2:
             raise DtlsDecodeError(f"alert record of {len(payload)} bytes (alerts are 2 bytes)")
-        if epoch == 0 and max(self._read_epochs) > 0 and self._state is _State.CONNECTED:
-            return  # unauthenticated once the peer can protect its alerts
         for offset in range(0, len(payload), 2):
             level, description = payload[offset], payload[offset + 1]
             level_value: AlertLevel | int = _enum_or_int(AlertLevel, level)
