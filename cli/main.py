@@ -349,6 +349,10 @@ try:
 except ImportError:  # needs aiortc, which only the test extra installs
     pass
 
+from voxrelay.bench.latency_probe import latency_command  # noqa: E402 (imports lazily)
+
+bench.add_command(latency_command, "latency")
+
 
 def main() -> None:
     cli()
