@@ -11,7 +11,9 @@ be able to outrun it. Two kinds of process live here, each started with
     STUN binding requests (so a client can confirm its route both ways) and latency
     probes. It tells relayed datagrams (relay header, version byte 1) from direct ones
     (first byte 0 for a STUN request, or a probe mark) and echoes relayed ones with
-    their header, exactly as a transceiver replies through the relay.
+    their header, exactly as a transceiver replies through the relay. A relay bundle
+    (first byte 2) counts as one relayed packet per record, and each record that asks
+    for an echo gets its own v1 reply (header + payload), as a transceiver answers.
 
 ``clients``
     ``--clients`` UDP sockets, each connected to the target (a forwarder's public
@@ -59,6 +61,9 @@ FLOOD_MARK = 0x80  # count only
 PROBE_MARK = 0x90  # echo back: a latency probe
 RELAY_HEADER_VERSION = 1  # first byte of a relayed datagram (proto/relay_header.py)
 RELAY_HEADER_SIZE = 24
+RELAY_BUNDLE_MARKER = 2  # first byte of a relay bundle and of each of its records
+RELAY_RECORD_PREFIX = 4  # marker, zero, payload length (u16 big endian); then the header
+RECORD_HEAD = RELAY_RECORD_PREFIX + RELAY_HEADER_SIZE
 # mark, 7 pad bytes, sequence number, CLOCK_MONOTONIC send time in ns.
 PROBE = struct.Struct("!B7xQQ")
 MIN_DATAGRAM = PROBE.size
@@ -76,6 +81,7 @@ UDP_SEGMENT = 103
 DIRECT_CLIENTS = 16  # baseline sockets aimed straight at the sink
 DIRECT_EVERY = 10  # one direct probe per this many probes through the forwarder
 SINK_BATCH = 256
+SINK_DATAGRAM = 2048  # sink buffer per datagram; larger when relay bundles may be larger
 SINK_NAP_AFTER = 32  # a drain this long means a flood: nap so the next drain batches well
 SINK_NAP_SECONDS = 0.001
 SOCKADDR_SPACE = 32  # room for a sockaddr_in6 (28 bytes), 8-byte aligned
@@ -125,9 +131,10 @@ class ReceiveBatch:
     at the same name and payload memory, so echoing copies nothing.
     """
 
-    def __init__(self, count: int, payload_size: int) -> None:
+    def __init__(self, count: int, payload_size: int, echo_capacity: int | None = None) -> None:
         self.count = count
         self.payload_size = payload_size
+        self.echo_capacity = echo_capacity or count
         self.headers = (MMsgHdr * count)()
         self.iovecs = (IoVec * count)()
         self.names = ctypes.create_string_buffer(count * SOCKADDR_SPACE)
@@ -148,9 +155,9 @@ class ReceiveBatch:
         self._length_index = [(i * stride + MMsgHdr.msg_len.offset) // 4 for i in range(count)]
         self._names_base = names_base
         self._payload_base = payload_base
-        self.echo_headers = (MMsgHdr * count)()
-        self.echo_iovecs = (IoVec * count)()
-        for i in range(count):
+        self.echo_headers = (MMsgHdr * self.echo_capacity)()
+        self.echo_iovecs = (IoVec * self.echo_capacity)()
+        for i in range(self.echo_capacity):
             self.echo_headers[i].msg_hdr.msg_iov = ctypes.addressof(self.echo_iovecs[i])
             self.echo_headers[i].msg_hdr.msg_iovlen = 1
         self.echo_count = 0
@@ -179,13 +186,16 @@ class ReceiveBatch:
     def first_byte(self, i: int, offset: int = 0) -> int:
         return self.payload_bytes[i * self.payload_size + offset]
 
-    def echo(self, i: int, length: int) -> None:
-        """Queue message ``i`` (its first ``length`` bytes) back to its sender."""
+    def echo(self, i: int, length: int, offset: int = 0) -> None:
+        """Queue ``length`` bytes of message ``i`` from ``offset`` back to its sender.
+
+        The caller flushes when ``echo_count`` reaches ``echo_capacity``.
+        """
         j = self.echo_count
         header = self.echo_headers[j].msg_hdr
         header.msg_name = self._names_base + i * SOCKADDR_SPACE
         header.msg_namelen = self.headers[i].msg_hdr.msg_namelen
-        self.echo_iovecs[j].iov_base = self._payload_base + i * self.payload_size
+        self.echo_iovecs[j].iov_base = self._payload_base + i * self.payload_size + offset
         self.echo_iovecs[j].iov_len = length
         self.echo_count = j + 1
 
@@ -372,7 +382,9 @@ class _StopFlag:
 # -- the sink -----------------------------------------------------------------------------------
 
 
-def run_sink(bind: str, stats_path: str, cpus: Sequence[int] | None) -> None:
+def run_sink(
+    bind: str, stats_path: str, cpus: Sequence[int] | None, max_datagram: int = SINK_DATAGRAM
+) -> None:
     """Count and echo until SIGTERM or until stdin closes (the benchmark went away)."""
     stop = _StopFlag()
     pin_to_cpus(cpus)
@@ -381,7 +393,8 @@ def run_sink(bind: str, stats_path: str, cpus: Sequence[int] | None) -> None:
     sock.bind((bind, 0))
     sock.setblocking(False)
     counters = CounterFile(stats_path, SINK_COUNTERS, create=True)
-    batch = ReceiveBatch(SINK_BATCH, 2048)
+    batch = ReceiveBatch(SINK_BATCH, max_datagram, echo_capacity=2 * SINK_BATCH)
+    payload_bytes, payload_size = batch.payload_bytes, batch.payload_size
     fd = sock.fileno()
     poller = select.epoll()
     poller.register(fd, select.EPOLLIN)
@@ -403,6 +416,8 @@ def run_sink(bind: str, stats_path: str, cpus: Sequence[int] | None) -> None:
                         break
                     batches += 1
                     for i in range(received):
+                        if batch.echo_count == batch.echo_capacity:  # bundles may fill it
+                            echoed += batch.flush_echoes(fd)
                         length = batch.length(i)
                         first = batch.first_byte(i)
                         if first == RELAY_HEADER_VERSION and length > RELAY_HEADER_SIZE:
@@ -410,6 +425,24 @@ def run_sink(bind: str, stats_path: str, cpus: Sequence[int] | None) -> None:
                             inner = batch.first_byte(i, RELAY_HEADER_SIZE)
                             if inner == PROBE_MARK or inner < 4:  # probe, or STUN
                                 batch.echo(i, length)
+                        elif first == RELAY_BUNDLE_MARKER:
+                            # Records: count each; echo probes and STUN as v1 datagrams.
+                            base = i * payload_size
+                            offset = 0
+                            while offset + RECORD_HEAD <= length:
+                                at = base + offset
+                                size = (payload_bytes[at + 2] << 8) | payload_bytes[at + 3]
+                                end = offset + RECORD_HEAD + size
+                                if end > length:
+                                    break  # cut short by a too small buffer: not counted
+                                relayed += 1
+                                at_header = offset + RELAY_RECORD_PREFIX
+                                inner = payload_bytes[at + RECORD_HEAD] if size else 255
+                                if inner == PROBE_MARK or inner < 4:
+                                    if batch.echo_count == batch.echo_capacity:
+                                        echoed += batch.flush_echoes(fd)
+                                    batch.echo(i, end - at_header, at_header)
+                                offset = end
                         else:
                             direct += 1
                             if first == PROBE_MARK or first == 0:  # probe, or STUN request
@@ -828,9 +861,12 @@ def stop_process(process: Any, timeout: float = 3.0) -> None:
 class SinkProcess:
     """The benchmark's handle on a running sink."""
 
-    def __init__(self, workdir: Path, cpus: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, workdir: Path, cpus: Sequence[int] | None = None, max_datagram: int = SINK_DATAGRAM
+    ) -> None:
         self.stats_path = workdir / "sink.counters"
         args = ["-m", "voxrelay.bench.loadgen", "sink", "--stats", str(self.stats_path)]
+        args += ["--max-datagram", str(max_datagram)]
         if cpus:
             args += ["--cpus", ",".join(map(str, cpus))]
         self.process, channel = spawn(args, "the sink")
@@ -941,6 +977,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     sink.add_argument("--bind", default="127.0.0.1")
     sink.add_argument("--stats", required=True, help="counter file to create")
     sink.add_argument("--cpus", type=cpu_list, default=None)
+    sink.add_argument("--max-datagram", type=int, default=SINK_DATAGRAM)
     clients = roles.add_parser("clients", help="many client sockets driven over stdin")
     clients.add_argument("--target", type=parse_address, required=True)
     clients.add_argument("--clients", type=int, default=256)
@@ -952,7 +989,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     try:
         if args.role == "sink":
-            run_sink(args.bind, args.stats, args.cpus)
+            run_sink(args.bind, args.stats, args.cpus, args.max_datagram)
         else:
             if not MIN_DATAGRAM <= args.size <= MAX_DATAGRAM:
                 parser.error(f"--size must be in {MIN_DATAGRAM}..{MAX_DATAGRAM}")

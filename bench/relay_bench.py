@@ -22,6 +22,11 @@ ratios voxrelay / naive of CPU per packet are compared with the targets (0.75 fl
 
 With ``--workers`` smaller than the usable CPUs, forwarders are pinned to the last CPUs
 and the load generator and sink to the others, so a forwarder has a core of its own.
+
+The fleet bundles relay -> transceiver datagrams as configured by ``--bundle-max-bytes``
+(the relay's default; 0 sends one internal datagram per packet). Packets are always
+client packets: the sink counts the records inside bundles, and the relay's tx_internal
+counts packets, not internal datagrams. The naive forwarder stays one sendto per packet.
 """
 
 from __future__ import annotations
@@ -67,6 +72,8 @@ CLUSTER_ID = 1
 TRANSCEIVER_ID = 1
 FORWARDED = ("tx_internal", "tx_public")
 FORWARDER_COUNTERS = ("rx_public", "tx_internal", "rx_internal", "tx_public")
+DEFAULT_BUNDLE_MAX_BYTES = 1472  # the relay's default (engine/config.py)
+MIN_BUNDLE_MAX_BYTES, MAX_BUNDLE_MAX_BYTES = 576, 65507
 
 
 class BenchError(Exception):
@@ -105,6 +112,12 @@ class BenchSettings:
     workers: int
     repeat: int
     placement: Placement
+    bundle_max_bytes: int = DEFAULT_BUNDLE_MAX_BYTES
+
+    @property
+    def sink_max_datagram(self) -> int:
+        """Room per datagram in the sink: a whole bundle must fit, or records go uncounted."""
+        return max(2048, self.bundle_max_bytes + 1)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -117,6 +130,8 @@ class BenchSettings:
             "forwarder_cpus": self.placement.forwarder_cpus,
             "load_cpus": self.placement.load_cpus,
             "socket_buffer_bytes": SOCKET_BUFFER_BYTES,
+            "bundling": self.bundle_max_bytes > 0,
+            "bundle_max_bytes": self.bundle_max_bytes,
         }
 
 
@@ -167,6 +182,7 @@ class VoxrelayFleet:
             "drain_seconds = 0",
             f"recv_buffer_bytes = {SOCKET_BUFFER_BYTES}",
             f"send_buffer_bytes = {SOCKET_BUFFER_BYTES}",
+            f"bundle_max_bytes = {settings.bundle_max_bytes}",
             f"pin_cpus = {json.dumps(pins) if pins else 'false'}",
             "[transceiver]",
             "count = 0",  # the sink is the transceiver
@@ -234,7 +250,7 @@ class VoxrelayFleet:
 
     def counters(self) -> dict[str, int]:
         totals = dict.fromkeys(FORWARDER_COUNTERS, 0)
-        totals["drops"] = 0
+        totals["drops"] = totals["bundles_out"] = 0
         for worker in self.status()["relay"]["workers"]:
             if worker["pid"] not in self._pids:
                 raise BenchError(
@@ -244,6 +260,7 @@ class VoxrelayFleet:
             for name in FORWARDER_COUNTERS:
                 totals[name] += worker["counters"][name]
             totals["drops"] += sum(worker["drops"].values())
+            totals["bundles_out"] += worker["counters"]["bundles_out"]
         return totals
 
     @property
@@ -410,6 +427,8 @@ def measure_flat_out(
         # Packets the kernel dropped at the forwarder's public socket: it was saturated.
         "saturated": read < 0.98 * sent,
         "forwarder_drops": delta.counters.get("drops", 0),
+        # Internal datagrams that carried bundles (voxrelay only; 0 without bundling).
+        "bundles_out": delta.counters.get("bundles_out", 0),
         "generator": {
             "sent": sent,
             "elapsed_s": elapsed,
@@ -611,6 +630,10 @@ class Report:
                 "summary.direct is the median of those baselines.",
                 "flat_out: the generator offers more than a worker can take; loss is mostly "
                 "the kernel dropping at the forwarder's full socket, by design.",
+                "bundling (settings.bundling): the relay sends the packets of a read batch "
+                "that go to one transceiver as one internal datagram of up to "
+                "settings.bundle_max_bytes; packet counts are client packets either way (the "
+                "sink counts records inside bundles); bundles_out counts bundle datagrams.",
             ],
         }
 
@@ -641,7 +664,8 @@ def render_table(data: dict[str, Any]) -> str:
     lines = [
         f"voxrelay bench relay: {s['workers']} worker(s), {s['clients']} clients, "
         f"{s['size_bytes']}-byte datagrams, {s['duration_s']:g} s phases, "
-        f"median of {s['repeat']} round(s)",
+        f"median of {s['repeat']} round(s), relay bundling "
+        + (f"up to {s['bundle_max_bytes']} bytes" if s["bundling"] else "off"),
         row("", "voxrelay", "naive", "ratio", "target"),
         row(
             "CPU µs/packet, flat out",
@@ -809,7 +833,7 @@ def run_benchmark(settings: BenchSettings, out: Path) -> dict[str, Any]:
     report = Report(settings)
     with contextlib.ExitStack() as stack, _terminate_as_interrupt():
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="voxrelay-bench-")))
-        sink = SinkProcess(workdir, settings.placement.load_cpus)
+        sink = SinkProcess(workdir, settings.placement.load_cpus, settings.sink_max_datagram)
         stack.callback(sink.close)
         fleet = VoxrelayFleet(workdir, sink.address, settings)
         stack.callback(fleet.close)
@@ -884,6 +908,14 @@ def run_benchmark(settings: BenchSettings, out: Path) -> dict[str, Any]:
     help="Pin forwarders to their own CPUs, load and sink to the rest.",
 )
 @click.option(
+    "--bundle-max-bytes",
+    default=DEFAULT_BUNDLE_MAX_BYTES,
+    show_default=True,
+    type=click.IntRange(0, MAX_BUNDLE_MAX_BYTES),
+    help=f"The relay's bundle_max_bytes: 0 (no bundling) or {MIN_BUNDLE_MAX_BYTES}.."
+    f"{MAX_BUNDLE_MAX_BYTES}.",
+)
+@click.option(
     "--out",
     "out_dir",
     default="bench-out/relay",
@@ -899,6 +931,7 @@ def relay_bench_command(
     workers: int,
     repeat: int,
     pin: bool,
+    bundle_max_bytes: int,
     out_dir: str,
 ) -> None:
     """Forwarding cost and latency of the relay worker beside a naive Python forwarder.
@@ -908,6 +941,11 @@ def relay_bench_command(
     recvfrom_into/dict/sendto forwarder measured in the same run. Writes relay.json
     and relay.png to --out.
     """
+    if 0 < bundle_max_bytes < MIN_BUNDLE_MAX_BYTES:
+        raise click.BadParameter(
+            f"0 (off) or {MIN_BUNDLE_MAX_BYTES}..{MAX_BUNDLE_MAX_BYTES}, got {bundle_max_bytes}",
+            param_hint="--bundle-max-bytes",
+        )
     settings = BenchSettings(
         duration=duration,
         rate=rate,
@@ -916,6 +954,7 @@ def relay_bench_command(
         workers=workers,
         repeat=repeat,
         placement=Placement.plan(workers, pin),
+        bundle_max_bytes=bundle_max_bytes,
     )
     out = Path(out_dir)
     try:

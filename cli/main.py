@@ -330,6 +330,33 @@ def config_show(config_path: str | None) -> None:
     click.echo(json.dumps(config_to_dict(_load(config_path)), indent=2, default=str))
 
 
+@cli.command()
+@click.argument("kind", type=click.Choice(["echo", "agent"]))
+@click.option("--bind", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8765, show_default=True, help="TCP port (0: pick one).")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text")
+def backend(kind: str, bind: str, port: int, log_format: str) -> None:
+    """Run an example backend service (WebSocket, docs/backend-protocol.md).
+
+    echo sends every caller frame back; agent answers when the caller's turn ends and
+    stops when interrupted (configure the transceiver with [backend] codec = "pcm16").
+    Point [backend] url at ws://BIND:PORT/call.
+    """
+    import asyncio
+    import contextlib
+
+    from voxrelay.engine.logs import setup_logging
+
+    setup_logging("info", log_format)
+    if kind == "echo":
+        from voxrelay.backends.echo import serve
+    else:
+        from voxrelay.backends.agent import serve
+    click.echo(f"{kind} backend on ws://{bind}:{port}/call")
+    with contextlib.suppress(KeyboardInterrupt):  # Ctrl-C is how one stops it
+        asyncio.run(serve(bind, port))
+
+
 @cli.group()
 def bench() -> None:
     """Benchmarks that compare voxrelay with a baseline measured in the same run."""

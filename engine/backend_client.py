@@ -55,6 +55,8 @@ from voxrelay.proto.backend_wire import (
     SessionEnd,
     SessionEnded,
     SessionStarted,
+    SpeechStarted,
+    SpeechStopped,
     decode_audio_frame,
     encode_audio_frame,
     encode_event,
@@ -64,12 +66,15 @@ from voxrelay.proto.backend_wire import (
 )
 from voxrelay.proto.playout import FrameDue, PlayoutQueue
 from voxrelay.proto.session import SAMPLES_PER_FRAME, AudioReceived
+from voxrelay.proto.vad import SpeechStarted as VadSpeechStarted
+from voxrelay.proto.vad import VoiceActivityDetector
 
 __all__ = ["WebSocketBackend", "WebSocketBackendSettings"]
 
 log = logging.getLogger("voxrelay.backend")
 
 FRAME_DURATION = 0.02
+_VAD_SAMPLE_RATE = 16_000  # plenty for speech energy, a third of the decode work
 _MAX_SILENCE_FILL = OPUS_SAMPLE_RATE  # at most 1 s of silence stands in for a caller gap
 
 
@@ -100,6 +105,18 @@ class WebSocketBackendSettings:
     """Events waiting to be written; a backend that lets more pile up is stalled."""
     opus_bitrate: int = 32_000
     """Bits per second of the Opus encoder (pcm16 only)."""
+    vad: bool = False
+    """Run voice activity detection on the caller's audio and send speech.started /
+    speech.stopped (proto/vad.py; decodes the caller's Opus when the codec is opus)."""
+    barge_in: bool = True
+    """With vad: when the caller starts speaking, empty the playout queue at once (as
+    audio.clear would), so the agent stops within a frame instead of a backend round trip
+    later. The backend still gets speech.started, and mark.cleared for dropped marks."""
+    vad_threshold_dbfs: float = -45.0
+    vad_start_frames: int = 2
+    """Loud 20 ms frames in a row that start speech (2: detected 20 ms after it begins)."""
+    vad_hangover: float = 0.6
+    """Seconds of quiet that end the caller's turn (speech.stopped)."""
 
     def __post_init__(self) -> None:
         if self.codec not in (CODEC_OPUS, CODEC_PCM16):
@@ -117,6 +134,12 @@ class WebSocketBackendSettings:
         for name in ("connect_timeout", "heartbeat", "write_timeout", "close_timeout"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+        if self.vad:
+            VoiceActivityDetector(  # raises ValueError for bad VAD settings, at startup
+                threshold_dbfs=self.vad_threshold_dbfs,
+                start_frames=self.vad_start_frames,
+                hangover=self.vad_hangover,
+            )
 
 
 MetadataSource = Callable[[Call], Mapping[str, MetadataValue]]
@@ -137,7 +160,7 @@ class WebSocketBackend:
         metadata: MetadataSource | None = None,
         client: aiohttp.ClientSession | None = None,
     ) -> None:
-        if settings.codec == CODEC_PCM16:
+        if settings.codec == CODEC_PCM16 or settings.vad:
             import av  # noqa: F401  (fail at startup, not at the first call, if PyAV is missing)
         self.settings = settings
         self._metadata = metadata
@@ -260,6 +283,19 @@ class _CallLink:
             if settings.codec == CODEC_PCM16
             else None
         )
+        self._vad: VoiceActivityDetector | None = None
+        self._vad_decoder: _OpusToPcm | None = None
+        self._vad_timer: asyncio.TimerHandle | None = None
+        # (arrival, stream timestamp) of recent caller frames, to place VAD events.
+        self._recent: deque[tuple[float, int]] = deque(maxlen=64)
+        if settings.vad:
+            self._vad = VoiceActivityDetector(
+                threshold_dbfs=settings.vad_threshold_dbfs,
+                start_frames=settings.vad_start_frames,
+                hangover=settings.vad_hangover,
+            )
+            if settings.codec == CODEC_OPUS:
+                self._vad_decoder = _OpusToPcm(_VAD_SAMPLE_RATE)
         self._writer: asyncio.Task[None] | None = None
         self._player: asyncio.Task[None] | None = None
         self._main = loop.create_task(self._run(), name=f"backend-{call.id}")
@@ -281,8 +317,68 @@ class _CallLink:
                 self._audio.popleft()
                 self.counters["caller_frames_dropped"] += 1
             self._audio.append(encode_audio_frame(audio, self.settings.sample_rate))
+        if self._vad is not None and frames:
+            self._detect_voice(frame, frames)
         if frames:
             self._outgoing.set()
+
+    def _detect_voice(self, frame: AudioReceived, frames: list[AudioFrame]) -> None:
+        """Feed the VAD; on speech start, barge in: stop playout before the next tick."""
+        vad = self._vad
+        assert vad is not None
+        arrival = frame.arrival
+        self._recent.append((arrival, frames[-1].timestamp))
+        if self._vad_decoder is not None:
+            try:
+                pcm_frames = [pcm for pcm, _ in self._vad_decoder.decode(frame.payload, 0)]
+            except BackendProtocolError:
+                self.counters["vad_decode_errors"] += 1
+                return
+        else:
+            pcm_frames = [audio.payload for audio in frames]
+        for pcm in pcm_frames:
+            vad.process(pcm, arrival)
+        self._vad_events()
+
+    def _vad_events(self) -> None:
+        vad = self._vad
+        assert vad is not None
+        while (event := vad.next_event()) is not None:
+            timestamp = self._stream_timestamp(event.at)
+            if isinstance(event, VadSpeechStarted):
+                self.counters["speech_started"] += 1
+                self._send_event(encode_event(SpeechStarted(timestamp)))
+                if self.settings.barge_in and not self.playout.idle:
+                    for name in self.playout.clear():
+                        self._send_event(encode_event(MarkCleared(name)))
+                    self._overflowing = False
+                    self.counters["barge_ins"] += 1
+                    self._wake_player.set()
+            else:
+                self.counters["speech_stopped"] += 1
+                self._send_event(encode_event(SpeechStopped(timestamp)))
+        if self._vad_timer is not None:
+            self._vad_timer.cancel()
+            self._vad_timer = None
+        due = vad.get_timer()
+        if due is not None and not self.done:
+            self._vad_timer = self.loop.call_at(due, self._vad_tick)
+
+    def _vad_tick(self) -> None:
+        """The caller went quiet without sending frames (DTX): end the turn on time."""
+        self._vad_timer = None
+        if self._vad is not None and not self.done:
+            self._vad.handle_timer(self.loop.time())
+            self._vad_events()
+
+    def _stream_timestamp(self, at: float) -> int:
+        """The stream timestamp of the caller frame that arrived at or just before ``at``."""
+        best = self._recent[0][1] if self._recent else 0
+        for arrival, timestamp in self._recent:
+            if arrival > at:
+                break
+            best = timestamp
+        return best
 
     def media_up(self) -> None:
         self.media_ready = True
@@ -293,6 +389,8 @@ class _CallLink:
         if self.done:
             return
         self.done = True
+        if self._vad_timer is not None:
+            self._vad_timer.cancel()
         self._begin_shutdown(
             CloseCode.NORMAL, encode_event(SessionEnded(reason[:1024])), flush=True
         )

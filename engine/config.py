@@ -88,6 +88,7 @@ SECTIONS: Final[dict[str, tuple[str, ...]]] = {
         "send_buffer_bytes",
         "batch_size",
         "max_datagram",
+        "bundle_max_bytes",
         "pin_cpus",
         "drain_seconds",
         "restart_backoff_initial",
@@ -114,6 +115,19 @@ SECTIONS: Final[dict[str, tuple[str, ...]]] = {
         "heartbeat_interval",
     ),
     "metrics": ("enabled", "bind", "port"),
+    "backend": (
+        "kind",
+        "url",
+        "codec",
+        "sample_rate",
+        "auth_token",
+        "connect_timeout",
+        "max_queued_seconds",
+        "vad",
+        "barge_in",
+        "vad_threshold_dbfs",
+        "vad_hangover",
+    ),
 }
 STATIC_TRANSCEIVER_KEYS: Final = ("id", "address")
 
@@ -123,6 +137,9 @@ _REDIS_SCHEMES: Final = ("redis", "rediss", "unix")
 _MAX_TRANSCEIVER_ID: Final = 0xFFFF
 _MAX_PORT: Final = 0xFFFF
 _MAX_CPU_ID: Final = 4095
+_MAX_UDP_PAYLOAD: Final = 65507  # IPv4: 65535 - 20 (IP header) - 8 (UDP header)
+_DEFAULT_BUNDLE_BYTES: Final = 1472  # a 1500-byte MTU minus IPv4 and UDP headers
+_MIN_BUNDLE_BYTES: Final = 576
 _FLEET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 # RFC 6750 b64token: the characters a bearer token may use in an Authorization header.
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -201,6 +218,7 @@ class RelayConfig:
     send_buffer_bytes: int
     batch_size: int
     max_datagram: int
+    bundle_max_bytes: int
     pin_cpus: bool | tuple[int, ...]
     drain_seconds: float
     restart_backoff_initial: float
@@ -294,6 +312,50 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class BackendConfig:
+    """What the transceivers hand calls to: the in-process echo, or a WebSocket backend."""
+
+    kind: str  # "echo" or "websocket"
+    url: str | None
+    codec: str
+    sample_rate: int
+    auth_token: str | None
+    connect_timeout: float
+    max_queued_seconds: float
+    vad: bool
+    barge_in: bool
+    vad_threshold_dbfs: float
+    vad_hangover: float
+
+    def __repr__(self) -> str:
+        token = None if self.auth_token is None else REDACTED
+        return f"BackendConfig(kind={self.kind!r}, url={self.url!r}, auth_token={token!r}, ...)"
+
+    def client_settings(self) -> dict[str, Any] | None:
+        """Keyword arguments of WebSocketBackendSettings, or None for the in-process echo."""
+        if self.kind != "websocket":
+            return None
+        headers = {"Authorization": f"Bearer {self.auth_token}"} if self.auth_token else {}
+        return {
+            "url": self.url,
+            "codec": self.codec,
+            "sample_rate": self.sample_rate,
+            "headers": headers,
+            "connect_timeout": self.connect_timeout,
+            "max_queued": self.max_queued_seconds,
+            "vad": self.vad,
+            "barge_in": self.barge_in,
+            "vad_threshold_dbfs": self.vad_threshold_dbfs,
+            "vad_hangover": self.vad_hangover,
+        }
+
+
+_DEFAULT_BACKEND = BackendConfig(
+    "echo", None, "opus", 48_000, None, 5.0, 30.0, False, True, -45.0, 0.6
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """A whole, validated config. ``source`` is the file it came from, for messages."""
 
@@ -305,6 +367,7 @@ class Config:
     transceiver: TransceiverConfig
     redis: RedisConfig
     metrics: MetricsConfig
+    backend: BackendConfig = _DEFAULT_BACKEND
 
 
 # -- entry points -------------------------------------------------------------------------
@@ -422,6 +485,10 @@ def config_to_dict(config: Config) -> dict[str, Any]:
         "transceiver": local,
         "redis": redis,
         "metrics": _plain_fields(config.metrics),
+        "backend": {
+            **_plain_fields(config.backend),
+            "auth_token": None if config.backend.auth_token is None else REDACTED,
+        },
     }
 
 
@@ -559,8 +626,9 @@ def _build_config(document: dict[str, Any], source: str) -> Config:
     local = _parse_local_transceivers(sections["transceiver"], transceivers)
     redis = _parse_redis(sections["redis"], relay)
     metrics = _parse_metrics(sections["metrics"])
+    backend = _parse_backend(sections["backend"])
     _check_port_conflicts(source, relay, local, metrics)
-    return Config(source, fleet, secrets, relay, transceivers, local, redis, metrics)
+    return Config(source, fleet, secrets, relay, transceivers, local, redis, metrics, backend)
 
 
 def _parse_fleet(table: _Table) -> FleetConfig:
@@ -638,6 +706,12 @@ def _parse_relay(table: _Table) -> RelayConfig:
     send_buffer = table.integer("send_buffer_bytes", 4 << 20, 4096, 1 << 30)
     batch_size = table.integer("batch_size", 32, 1, 1024)
     max_datagram = table.integer("max_datagram", 1500, 576, _MAX_PORT)
+    bundle_what = f"0 (off) or an integer in {_MIN_BUNDLE_BYTES}..{_MAX_UDP_PAYLOAD}"
+    bundle_max_bytes = table.integer(
+        "bundle_max_bytes", _DEFAULT_BUNDLE_BYTES, 0, _MAX_UDP_PAYLOAD, bundle_what
+    )
+    if 0 < bundle_max_bytes < _MIN_BUNDLE_BYTES:
+        table.fail("bundle_max_bytes", bundle_what, bundle_max_bytes)
     pin_cpus = _parse_pin_cpus(table)
     drain_seconds = table.seconds("drain_seconds", 5, 0, 3600)
     backoff_initial = table.seconds("restart_backoff_initial", 0.5, 0.01, 60)
@@ -661,6 +735,7 @@ def _parse_relay(table: _Table) -> RelayConfig:
         send_buffer_bytes=send_buffer,
         batch_size=batch_size,
         max_datagram=max_datagram,
+        bundle_max_bytes=bundle_max_bytes,
         pin_cpus=pin_cpus,
         drain_seconds=drain_seconds,
         restart_backoff_initial=backoff_initial,
@@ -846,6 +921,42 @@ def _redis_url_problem(url: object) -> str | None:
     if database and not (database.isascii() and database.isdigit()):
         return expected + " (the path is a database number)"
     return None
+
+
+def _parse_backend(table: _Table) -> BackendConfig:
+    kind = table.choice("kind", "echo", ("echo", "websocket"))
+    url = table.get("url")
+    if url is _MISSING:
+        url = None
+        if kind == "websocket":
+            table.fail("url", 'a ws:// or wss:// URL (required with kind = "websocket")')
+    elif not isinstance(url, str) or not url.startswith(("ws://", "wss://")) or len(url) < 8:
+        table.fail("url", "a ws:// or wss:// URL", url)
+    codec = table.choice("codec", "opus", ("opus", "pcm16"))
+    rates = (8000, 12000, 16000, 24000, 48000)
+    sample_rate = table.integer("sample_rate", 48000 if codec == "opus" else 16000, 8000, 48000)
+    if codec == "opus" and sample_rate != 48000:
+        table.fail("sample_rate", "48000 with codec opus", sample_rate)
+    if sample_rate not in rates:
+        table.fail("sample_rate", "one of " + ", ".join(map(str, rates)), sample_rate)
+    token = table.get("auth_token")
+    if token is _MISSING:
+        token = None
+    elif not isinstance(token, str) or not token or any(c in token for c in "\r\n"):
+        table.fail("auth_token", "a bearer token string", REDACTED)
+    return BackendConfig(
+        kind=kind,
+        url=url,
+        codec=codec,
+        sample_rate=sample_rate,
+        auth_token=token,
+        connect_timeout=table.seconds("connect_timeout", 5.0, 0.1, 60.0),
+        max_queued_seconds=table.seconds("max_queued_seconds", 30.0, 0.1, 600.0),
+        vad=table.boolean("vad", False),
+        barge_in=table.boolean("barge_in", True),
+        vad_threshold_dbfs=table.number("vad_threshold_dbfs", -45.0, -90.0, 0.0, "dBFS"),
+        vad_hangover=table.seconds("vad_hangover", 0.6, 0.1, 10.0),
+    )
 
 
 def _parse_metrics(table: _Table) -> MetricsConfig:

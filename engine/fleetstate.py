@@ -52,7 +52,7 @@ COUNTER_NAMES = (
     "rx_public",  # datagrams read from the public socket
     "tx_public",  # datagrams sent to clients
     "rx_internal",  # datagrams read from transceivers
-    "tx_internal",  # datagrams forwarded to transceivers
+    "tx_internal",  # client datagrams forwarded to transceivers (bundled or not)
     "bytes_in",
     "bytes_out",
     "routes_created",
@@ -60,6 +60,7 @@ COUNTER_NAMES = (
     "recovery_requests",
     "batches",
     "routes_released",  # a transceiver ended the call and released its client's route
+    "bundles_out",  # internal datagrams that carried a bundle of 2+ client datagrams
 )
 DROP_REASONS = (
     "no_route",  # not STUN, unknown client (after a Redis recovery request, if configured)

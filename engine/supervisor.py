@@ -249,6 +249,7 @@ class Supervisor:
             token_secrets=[secret.hex() for secret in self._secrets],
             batch_size=relay.batch_size,
             max_datagram=relay.max_datagram,
+            bundle_max_bytes=relay.bundle_max_bytes,
             recv_buffer_bytes=relay.recv_buffer_bytes,
             send_buffer_bytes=relay.send_buffer_bytes,
             pin_cpu=worker.pin_cpu,

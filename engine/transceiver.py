@@ -7,7 +7,9 @@ byte (docs/internals.md):
 * **relay mode**: from a relay worker, prefixed with the 24-byte relay header naming the
   client (first byte 1, which no datagram a client may send us starts with: STUN requests
   start with 0, DTLS with 20-63, RTP with 128-191). Replies go back to the worker that
-  forwarded the client's latest datagram, with the header naming the client.
+  forwarded the client's latest datagram, with the header naming the client. A worker may
+  bundle several clients' datagrams into one (first byte 2): each record is handled as if
+  it had come alone.
 * **direct mode**: straight from the client, no header; replies go straight back.
 
 A datagram is matched to its call by client address once an ICE check from that address
@@ -38,7 +40,14 @@ from voxrelay.engine.backends import Backend, EchoBackend
 from voxrelay.proto.dtls import DtlsCertificate, generate_certificate, load_certificate
 from voxrelay.proto.errors import ProtocolError
 from voxrelay.proto.ice_lite import Address
-from voxrelay.proto.relay_header import HEADER_SIZE, decode_header, header_from_address
+from voxrelay.proto.relay_header import (
+    BUNDLE_MARKER,
+    HEADER_SIZE,
+    RelayBundleError,
+    bundle_decode,
+    decode_header,
+    header_from_address,
+)
 from voxrelay.proto.sdp import Offer, build_answer, parse_offer
 from voxrelay.proto.session import (
     SAMPLES_PER_FRAME,
@@ -92,6 +101,9 @@ class TransceiverSettings:
     heartbeat_interval: float = 2.0
     log_level: str = "info"
     log_format: str = "json"
+    backend: dict | None = None
+    """WebSocketBackendSettings keyword arguments ([backend] kind = "websocket"), or None
+    for the in-process echo."""
     supervised: bool = False
     """Started by a supervisor: ignore Ctrl-C's SIGINT (the supervisor drains, then sends
     SIGTERM), so calls keep flowing through the drain grace period."""
@@ -331,6 +343,15 @@ class Transceiver(asyncio.DatagramProtocol):
         if not data:
             self.drops["empty"] += 1
             return
+        if data[0] == BUNDLE_MARKER:
+            # Several clients' datagrams from one relay worker: a malformed record ends the
+            # bundle, the records before it stand.
+            try:
+                for client, payload in bundle_decode(data):
+                    self._client_datagram(client, payload, addr)
+            except RelayBundleError:
+                self.drops["bad_relay_bundle"] += 1
+            return
         via: tuple | None = None
         if data[0] == _RELAY_HEADER_FIRST_BYTE:
             try:
@@ -340,12 +361,16 @@ class Transceiver(asyncio.DatagramProtocol):
                 return
             via = addr
             payload = data[HEADER_SIZE:]
-            if not payload:
-                self.drops["empty"] += 1
-                return
         else:
             client = (addr[0], addr[1])
             payload = data
+        self._client_datagram(client, payload, via)
+
+    def _client_datagram(self, client: tuple, payload: bytes, via: tuple | None) -> None:
+        """One datagram of ``client``: direct (``via`` None) or through the relay worker ``via``."""
+        if not payload:
+            self.drops["empty"] += 1
+            return
         if payload[0] <= 3:
             # STUN finds its call by ufrag, so a check for a new call from an address an
             # older call still holds reaches the right one.
@@ -392,6 +417,9 @@ class Transceiver(asyncio.DatagramProtocol):
                     log.exception("backend failed in audio_received", extra={"call": call.id})
                     session.close(self.now(), "backend error")
             elif isinstance(event, Connected):
+                call_connected = getattr(self.backend, "call_connected", None)
+                if call_connected is not None:
+                    call_connected(call)  # playout may start before the caller's first frame
                 self.handshake_times.append(event.handshake_time)
                 self.connect_times.append(event.elapsed)
                 del self.handshake_times[:-1000], self.connect_times[:-1000]
@@ -470,6 +498,7 @@ class Transceiver(asyncio.DatagramProtocol):
             "datagrams_out": self.datagrams_out,
             "drops": dict(self.drops),
             "routes_released": self.routes_released,
+            "backend": dict(getattr(self.backend, "counters", {})),
             "draining": self.draining,
             "uptime_s": round(time.time() - self.started_at, 1),
         }
@@ -504,7 +533,12 @@ async def run(settings: TransceiverSettings, stop: asyncio.Event | None = None) 
     for signum in (signal.SIGTERM,) if settings.supervised else (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(signum, stop.set)
-    transceiver = Transceiver(settings)
+    backend = None
+    if settings.backend:
+        from voxrelay.engine.backend_client import WebSocketBackend, WebSocketBackendSettings
+
+        backend = WebSocketBackend(WebSocketBackendSettings(**settings.backend))
+    transceiver = Transceiver(settings, backend=backend)
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGUSR1, setattr, transceiver, "draining", True)
     await transceiver.open()
@@ -527,6 +561,8 @@ async def run(settings: TransceiverSettings, stop: asyncio.Event | None = None) 
     finally:
         transceiver.draining = True
         transceiver.close()
+        if backend is not None:
+            await backend.close()  # the calls' session.ended goodbyes, bounded
         await asyncio.sleep(0.05)  # let the close_notify/BYE datagrams leave
         await server.stop()
         if heartbeat is not None:

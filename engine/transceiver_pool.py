@@ -123,6 +123,7 @@ class TransceiverPool:
             log_level=cfg.fleet.log_level,
             log_format=cfg.fleet.log_format,
             supervised=True,
+            backend=cfg.backend.client_settings(),
         )
 
     def _spawn(self, entry: TransceiverProcess) -> None:

@@ -24,24 +24,48 @@ the same client.
 The header cannot carry an IPv6 scope id, so link-local clients (``fe80::1%eth0``) are
 refused: a reply to them without the scope would go out of the wrong interface.
 
+Relay -> transceiver, a worker may instead send a *bundle*: one datagram carrying several
+client datagrams, so the kernel does one UDP send for many packets. A bundle is one or more
+records, each a 4-byte prefix, a v1 header and the payload::
+
+    offset  size    field
+    0       1       record marker = 2 (so a bundle datagram's first byte is 2)
+    1       1       reserved, zero
+    2       2       payload length, big endian
+    4       24      v1 relay header of the client (the route key, as above)
+    28      length  payload
+
+A receiver tells the kinds apart by the first byte: 1 is a single v1 datagram, 2 a bundle
+(a client's own datagrams start with 0, 20-63 or 128-191, RFC 7983, so neither collides).
+Transceiver -> relay stays one v1 datagram per packet.
+
 ``socket.inet_pton``/``inet_ntop`` are used as pure text <-> bytes conversions (they are
 the fastest strict parsers in the standard library); this module opens no socket.
 """
 
 import socket
 import struct
-from typing import Final
+from collections.abc import Iterable, Iterator
+from typing import Final, TypeVar
 
 from voxrelay.proto.errors import ProtocolError
 
 __all__ = [
+    "BUNDLE_MARKER",
     "FAMILY_IPV4",
     "FAMILY_IPV6",
     "HEADER_SIZE",
+    "MAX_RECORD_PAYLOAD",
+    "RECORD_OVERHEAD",
+    "RECORD_PREFIX_SIZE",
     "VERSION",
+    "RelayBundleError",
     "RelayHeaderError",
+    "bundle_decode",
+    "bundle_encode",
     "decode_header",
     "encode_header",
+    "encode_record",
     "header_from_address",
     "route_key_from_sockaddr",
 ]
@@ -50,6 +74,10 @@ HEADER_SIZE: Final = 24
 VERSION: Final = 1
 FAMILY_IPV4: Final = 4
 FAMILY_IPV6: Final = 6
+BUNDLE_MARKER: Final = 2  # first byte of every bundle record, hence of a bundle datagram
+RECORD_PREFIX_SIZE: Final = 4
+RECORD_OVERHEAD: Final = RECORD_PREFIX_SIZE + HEADER_SIZE  # bytes a record adds to a payload
+MAX_RECORD_PAYLOAD: Final = 0xFFFF
 
 # version, family, port, reserved; the 16 address bytes follow.
 _FIXED_FIELDS = struct.Struct("!BBHI")
@@ -59,6 +87,18 @@ _ADDRESS_OFFSET: Final = _FIXED_FIELDS.size
 
 class RelayHeaderError(ProtocolError):
     """A relay header that is malformed, or a client address that cannot be encoded."""
+
+
+class RelayBundleError(RelayHeaderError):
+    """A malformed bundle record; ``index`` records before it (``offset`` bytes) were valid."""
+
+    def __init__(self, message: str, index: int = 0, offset: int = 0) -> None:
+        super().__init__(message)
+        self.index = index
+        self.offset = offset
+
+
+_Buffer = TypeVar("_Buffer", bytes, bytearray, memoryview)
 
 
 def encode_header(host: str, port: int) -> bytes:
@@ -163,3 +203,75 @@ def header_from_address(addr: tuple[str, int] | tuple[str, int, int, int]) -> by
             "header cannot carry; link-local clients are not supported"
         )
     return encode_header(addr[0], addr[1])
+
+
+def encode_record(header: bytes, payload: bytes | bytearray | memoryview) -> bytes:
+    """One bundle record: prefix, the client's 24-byte ``header`` (as-is), ``payload``."""
+    if len(header) != HEADER_SIZE:
+        raise RelayBundleError(f"a record's header must be {HEADER_SIZE} bytes, got {len(header)}")
+    if len(payload) > MAX_RECORD_PAYLOAD:
+        raise RelayBundleError(
+            f"a record's payload is at most {MAX_RECORD_PAYLOAD} bytes, got {len(payload)}"
+        )
+    return bytes((BUNDLE_MARKER, 0)) + len(payload).to_bytes(2, "big") + header + payload
+
+
+def bundle_encode(
+    records: Iterable[tuple[tuple[str, int], bytes | bytearray | memoryview]],
+) -> bytes:
+    """A bundle datagram of ``(client (host, port), payload)`` records, in order.
+
+    What a relay worker sends (it builds the same bytes with scatter-gather instead); here
+    for tests and tools. At least one record: an empty bundle is not a datagram.
+    """
+    parts = [encode_record(encode_header(*client), payload) for client, payload in records]
+    if not parts:
+        raise RelayBundleError("a bundle needs at least one record")
+    return b"".join(parts)
+
+
+def bundle_decode(data: _Buffer) -> Iterator[tuple[tuple[str, int], _Buffer]]:
+    """Yield ``((host, port), payload)`` for each record of the bundle ``data``, in order.
+
+    Payloads are slices of ``data`` (pass a memoryview to avoid copies). Validation is
+    lazy, record by record: the records before a malformed one are yielded, then
+    :class:`RelayBundleError` is raised, so a receiver keeps what arrived intact and counts
+    one drop. An empty ``data`` is malformed (a bundle has at least one record).
+    """
+    size = len(data)
+    if size == 0:
+        raise RelayBundleError("empty bundle: a bundle has at least one record")
+    offset = index = 0
+    while offset < size:
+        if size - offset < RECORD_OVERHEAD:
+            raise RelayBundleError(
+                f"bundle record {index} truncated: {size - offset} bytes left at offset "
+                f"{offset}, a record needs at least {RECORD_OVERHEAD}",
+                index,
+                offset,
+            )
+        if data[offset] != BUNDLE_MARKER or data[offset + 1] != 0:
+            raise RelayBundleError(
+                f"bundle record {index} at offset {offset} starts with "
+                f"{bytes(data[offset : offset + 2]).hex()}, expected {BUNDLE_MARKER:02x}00",
+                index,
+                offset,
+            )
+        start = offset + RECORD_OVERHEAD
+        end = start + ((data[offset + 2] << 8) | data[offset + 3])
+        if end > size:
+            raise RelayBundleError(
+                f"bundle record {index} at offset {offset} claims {end - start} payload bytes, "
+                f"only {size - start} left",
+                index,
+                offset,
+            )
+        try:
+            client = decode_header(data[offset + RECORD_PREFIX_SIZE : start])
+        except RelayHeaderError as error:
+            raise RelayBundleError(
+                f"bundle record {index} at offset {offset}: {error}", index, offset
+            ) from None
+        yield client, data[start:end]
+        offset = end
+        index += 1

@@ -22,7 +22,14 @@ from typing import Any
 
 from aioice import stun
 
-from voxrelay.proto.relay_header import HEADER_SIZE, decode_header, encode_header
+from voxrelay.proto.relay_header import (
+    BUNDLE_MARKER,
+    HEADER_SIZE,
+    RelayHeaderError,
+    bundle_decode,
+    decode_header,
+    encode_header,
+)
 from voxrelay.proto.token import mint_token
 
 SECRET = bytes(range(32))
@@ -48,10 +55,12 @@ def rtp_packet(seq: int, payload: bytes = b"\x00" * 80) -> bytes:
 
 
 class FakeTransceiver:
-    """Receives relay-header datagrams and echoes each payload back to the same client.
+    """Receives relay-header datagrams and bundles, and echoes each payload to its client.
 
     It stands in for the real transceiver: the relay only cares that replies carry the
-    relay header and come from a registered address.
+    relay header and come from a registered address. ``datagrams`` logs each internal
+    datagram as ``(kind, size, payload lengths)``, kind ``"v1"`` or ``"bundle"``; a
+    malformed datagram keeps the records before the fault and counts one ``bad``.
     """
 
     def __init__(self, transceiver_id: int = 1, echo: bool = True) -> None:
@@ -64,6 +73,8 @@ class FakeTransceiver:
         self.echo = echo
         self.received: list[tuple[tuple[str, int], bytes, tuple]] = []  # (client, payload, relay)
         self.relays: set[tuple] = set()
+        self.datagrams: list[tuple[str, int, tuple[int, ...]]] = []
+        self.bad = 0
         self.lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -77,13 +88,26 @@ class FakeTransceiver:
                 continue
             except OSError:
                 return
-            client = decode_header(data)
-            payload = data[HEADER_SIZE:]
+            records: list[tuple[tuple[str, int], bytes]] = []
+            kind = "bundle" if data[:1] == bytes([BUNDLE_MARKER]) else "v1"
+            bad = False
+            try:
+                if kind == "bundle":
+                    for client, payload in bundle_decode(data):
+                        records.append((client, payload))
+                else:
+                    records.append((decode_header(data), data[HEADER_SIZE:]))
+            except RelayHeaderError:
+                bad = True
             with self.lock:
-                self.received.append((client, payload, relay_address))
+                for client, payload in records:
+                    self.received.append((client, payload, relay_address))
                 self.relays.add(relay_address)
+                self.datagrams.append((kind, len(data), tuple(len(p) for _, p in records)))
+                self.bad += bad
             if self.echo:
-                self.sock.sendto(data[:HEADER_SIZE] + b"echo:" + payload, relay_address)
+                for client, payload in records:
+                    self.sock.sendto(encode_header(*client) + b"echo:" + payload, relay_address)
 
     def send_to_client(self, client: tuple[str, int], payload: bytes, relay: tuple) -> None:
         self.sock.sendto(encode_header(*client) + payload, relay)
@@ -91,6 +115,10 @@ class FakeTransceiver:
     def payloads_from(self, client: tuple[str, int]) -> list[bytes]:
         with self.lock:
             return [p for c, p, _ in self.received if c == client]
+
+    def datagram_log(self) -> list[tuple[str, int, tuple[int, ...]]]:
+        with self.lock:
+            return list(self.datagrams)
 
     def close(self) -> None:
         self._stop.set()
@@ -150,6 +178,7 @@ class Fleet:
         capacity: int = 1000,
         idle_timeout: float = 30,
         drain_seconds: float = 1,
+        bundle_max_bytes: int | None = None,
         extra: str = "",
     ) -> None:
         self.name = f"t{secrets.token_hex(4)}"
@@ -171,6 +200,7 @@ class Fleet:
             f"idle_timeout = {idle_timeout}",
             f"drain_seconds = {drain_seconds}",
             "restart_backoff_initial = 0.05",
+            *([f"bundle_max_bytes = {bundle_max_bytes}"] if bundle_max_bytes is not None else []),
             "[metrics]",
             "port = 0",
             "[transceiver]",

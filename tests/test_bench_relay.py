@@ -20,17 +20,26 @@ from pathlib import Path
 
 import psutil
 import pytest
+from click.testing import CliRunner
 
 from voxrelay.bench.loadgen import (
+    FLOOD_MARK,
     PROBE,
     PROBE_MARK,
     CounterFile,
+    SinkProcess,
     binding_request,
     latency_summary,
 )
 from voxrelay.bench.naive_forwarder import COUNTERS, NaiveForwarder
-from voxrelay.bench.relay_bench import TARGET_FIXED_RATE, TARGET_FLAT_OUT, _median_tree, ratios
-from voxrelay.proto.relay_header import HEADER_SIZE, decode_header, encode_header
+from voxrelay.bench.relay_bench import (
+    TARGET_FIXED_RATE,
+    TARGET_FLAT_OUT,
+    _median_tree,
+    ratios,
+    relay_bench_command,
+)
+from voxrelay.proto.relay_header import HEADER_SIZE, bundle_encode, decode_header, encode_header
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -60,12 +69,15 @@ def test_bench_relay_writes_json_png_and_table_and_cleans_up(tmp_path: Path) -> 
     settings = data["settings"]
     assert (settings["duration_s"], settings["rate_pps"], settings["clients"]) == (0.3, 2000, 8)
     assert (settings["size_bytes"], settings["workers"], settings["repeat"]) == (100, 1, 1)
+    assert (settings["bundling"], settings["bundle_max_bytes"]) == (True, 1472)  # the default
     summary = data["summary"]
     for name in ("voxrelay", "naive"):
         flat, fixed = summary[name]["flat_out"], summary[name]["fixed_rate"]
         for key in ("forwarded_pps", "offered_pps", "cpu_us_per_packet", "loss", "saturated"):
             assert key in flat, (name, key)
         assert flat["forwarded_pps"] > 0  # packets really went through each forwarder
+        # The relay bundled the flood; the naive forwarder never bundles.
+        assert (flat["bundles_out"] > 0) == (name == "voxrelay")
         for key in ("cpu_us_per_packet", "forwarded_pps", "loss"):
             assert key in fixed, (name, key)
         assert set(fixed["rtt_us"]) >= {"p50", "p99"}
@@ -82,6 +94,7 @@ def test_bench_relay_writes_json_png_and_table_and_cleans_up(tmp_path: Path) -> 
 
     assert (out / "relay.png").read_bytes().startswith(PNG_MAGIC)
     assert "CPU µs/packet, flat out" in result.stdout
+    assert "relay bundling up to 1472 bytes" in result.stdout
     assert result.stdout.count("\n[") == 4  # one progress line per phase
 
     # Every process the benchmark started is gone.
@@ -140,6 +153,41 @@ def test_naive_forwarder_does_the_relays_work_both_ways(tmp_path: Path) -> None:
     counters.close()
     sink.close()
     client.close()
+
+
+def test_sink_counts_the_records_of_a_bundle_and_echoes_probes_and_stun_as_v1(
+    tmp_path: Path,
+) -> None:
+    """The sink stands in for a transceiver: packets are client packets, so a bundle counts
+    one per record, and each record that asks for an echo gets its own v1 reply."""
+    sink = SinkProcess(tmp_path)
+    relay = _udp()
+    try:
+        probe = bytearray(PROBE.size + 20)
+        PROBE.pack_into(probe, 0, PROBE_MARK, 7, 1)
+        stun = binding_request("A" * 24, "cli1")
+        flood = bytes([FLOOD_MARK]) + bytes(99)
+        a, b = ("192.0.2.1", 5000), ("2001:db8::2", 6000)
+        bundle = bundle_encode([(a, flood), (b, bytes(probe)), (a, stun), (b, flood)])
+        relay.sendto(bundle, sink.address)
+        relay.sendto(encode_header(*a) + bytes(probe), sink.address)  # v1 still works
+        replies = {relay.recvfrom(4096)[0] for _ in range(3)}
+        assert replies == {
+            encode_header(*b) + bytes(probe),
+            encode_header(*a) + stun,
+            encode_header(*a) + bytes(probe),
+        }
+        counters = sink.read()
+        assert (counters["relayed"], counters["echoed"], counters["direct"]) == (5, 3, 0)
+    finally:
+        relay.close()
+        sink.close()
+
+
+def test_bundle_max_bytes_option_is_off_or_a_datagram_size() -> None:
+    result = CliRunner().invoke(relay_bench_command, ["--bundle-max-bytes", "100"])
+    assert result.exit_code == 2 and "--bundle-max-bytes" in result.output
+    assert "0 (off) or 576..65507" in result.output
 
 
 def test_latency_summary_uses_nearest_rank_percentiles() -> None:

@@ -196,6 +196,7 @@ def test_empty_file_gives_a_one_machine_fleet() -> None:
     assert (relay.table_capacity, relay.idle_timeout) == (100_000, 30.0)
     assert relay.recv_buffer_bytes == relay.send_buffer_bytes == 4 * 1024 * 1024
     assert (relay.batch_size, relay.max_datagram, relay.pin_cpus) == (32, 1500, False)
+    assert relay.bundle_max_bytes == 1472  # a 1500-byte MTU less the IPv4 and UDP headers
     assert relay.drain_seconds == 5.0
     assert 0 < relay.restart_backoff_initial <= relay.restart_backoff_max
     assert config.transceivers.static == ()
@@ -289,6 +290,11 @@ def test_pin_cpus_is_a_bool_or_cpu_ids(value: str, expected: bool | tuple[int, .
     assert parse(f"[relay]\npin_cpus = {value}").relay.pin_cpus == expected
 
 
+@pytest.mark.parametrize("value", [0, 576, 1472, 8972, 65507])
+def test_bundle_max_bytes_is_off_or_a_datagram_size(value: int) -> None:
+    assert parse(f"[relay]\nbundle_max_bytes = {value}").relay.bundle_max_bytes == value
+
+
 @pytest.mark.parametrize("level", ["DEBUG", "Warning", "error"])
 def test_log_level_ignores_case(level: str) -> None:
     assert parse(f'[fleet]\nlog_level = "{level}"').fleet.log_level == level.lower()
@@ -378,7 +384,10 @@ ERROR_CASES = [
     ("[relya]", "relya: unknown section; did you mean [relay]?"),
     ("[relay]\nprot = 1", "relay.prot: unknown key; did you mean 'port'?"),
     ("[relay]\nidle_timout = 5", "relay.idle_timout: unknown key; did you mean 'idle_timeout'?"),
-    ('[relay]\nurl = "redis://x"', "relay.url: unknown key; did you mean 'redis.url'?"),
+    (
+        '[relay]\nurl = "redis://x"',
+        "relay.url: unknown key; did you mean 'redis.url' or 'backend.url'?",
+    ),
     ("[metrics]\nzzz = 1", "metrics.zzz: unknown key; expected one of: enabled, bind, port"),
     (
         "port = 1",
@@ -387,7 +396,7 @@ ERROR_CASES = [
     (
         "[nonsense]",
         "nonsense: unknown section; expected one of the sections [fleet], [secrets], [relay], "
-        "[transceivers], [transceiver], [redis], [metrics]",
+        "[transceivers], [transceiver], [redis], [metrics], [backend]",
     ),
     (
         '[[transceiver.static]]\nid = 5\naddress = "127.0.0.1:4000"',
@@ -418,6 +427,21 @@ ERROR_CASES = [
         "relay.max_datagram: expected an integer in 576..65535, got 575",
     ),
     ("[relay]\nworkers = 0", "relay.workers: expected an integer in 1..1024, got 0"),
+    *(
+        (
+            f"[relay]\nbundle_max_bytes = {value}",
+            f"relay.bundle_max_bytes: expected 0 (off) or an integer in 576..65507, got {shown}",
+        )
+        for value, shown in (
+            ("1", "1"),
+            ("575", "575"),
+            ("65508", "65508"),
+            ("-1", "-1"),
+            ("true", "True"),
+            ('"1472"', "'1472'"),
+            ("1472.0", "1472.0"),
+        )
+    ),
     (
         "[relay]\ntable_capacity = 0",
         "relay.table_capacity: expected an integer in 1..100000000, got 0",
@@ -1159,6 +1183,7 @@ PLAUSIBLE: dict[str, st.SearchStrategy[object]] = {
     "send_buffer_bytes": st.integers(0, 1 << 31),
     "batch_size": st.integers(0, 2048),
     "max_datagram": st.integers(500, 70_000),
+    "bundle_max_bytes": st.one_of(st.just(0), st.integers(-1, 70_000)),
     "pin_cpus": st.one_of(st.booleans(), st.lists(st.integers(-1, 4096), max_size=4)),
     "signaling_token": st.text(min_size=10, max_size=30),
     "url": st.sampled_from(
@@ -1273,3 +1298,48 @@ def test_toml_renderer_matches_tomllib() -> None:
         "s": {"a": 'quote " and \\ and \x00\x7f\n', "b": [1.5, -0.0, 1e300], "c": {"d": True}}
     }
     assert tomllib.loads(render(document)) == document
+
+
+def test_backend_section_defaults_to_the_in_process_echo(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("")
+    backend = load_config(path).backend
+    assert backend.kind == "echo" and backend.client_settings() is None
+
+
+def test_websocket_backend_settings_and_redacted_token(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        '[backend]\nkind = "websocket"\nurl = "ws://10.0.0.5:8765/call"\ncodec = "pcm16"\n'
+        'vad = true\nauth_token = "s3cret"\n'
+    )
+    config = load_config(path)
+    settings = config.backend.client_settings()
+    assert settings["url"] == "ws://10.0.0.5:8765/call"
+    assert settings["sample_rate"] == 16000 and settings["vad"] is True
+    assert settings["headers"] == {"Authorization": "Bearer s3cret"}
+    assert "s3cret" not in repr(config.backend)
+    assert "s3cret" not in str(config_to_dict(config))
+
+
+@pytest.mark.parametrize(
+    ("body", "key", "words"),
+    [
+        ('kind = "websocket"', "backend.url", "required"),
+        ('kind = "grpc"', "backend.kind", "one of"),
+        ('kind = "websocket"\nurl = "http://x/y"', "backend.url", "ws://"),
+        ('codec = "opus"\nsample_rate = 16000', "backend.sample_rate", "48000"),
+        ('codec = "pcm16"\nsample_rate = 44100', "backend.sample_rate", "one of"),
+        ("vad = 1", "backend.vad", "true or false"),
+        ("vad_hangover = 0", "backend.vad_hangover", ""),
+    ],
+)
+def test_bad_backend_keys_name_the_key_and_file(tmp_path, body, key, words):
+    path = tmp_path / "bad.toml"
+    path.write_text("[backend]\n" + body + "\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: {key}:"), message
+    assert words in message
+    assert "\n" not in message

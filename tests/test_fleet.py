@@ -6,17 +6,24 @@ requests and RTP-shaped datagrams, and checks what arrives where.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import random
 import signal
 import socket
 import time
+from collections.abc import Iterator
+from types import SimpleNamespace
 
 import pytest
 
+from voxrelay.proto.relay_header import encode_header, encode_record
 from voxrelay.proto.token import mint_token
 
 from fleet import (
+    CLUSTER,
+    SECRET,
     Client,
     FakeTransceiver,
     Fleet,
@@ -391,3 +398,159 @@ def test_redis_stopped_mid_traffic_changes_nothing_for_live_flows(tmp_path, tran
             server.start()
             for client in [*clients, newcomer]:
                 client.close()
+
+
+# -- bundles: relay -> transceiver datagrams carrying several client packets -----------------
+
+
+@contextlib.contextmanager
+def _paused(fleet: Fleet) -> Iterator[None]:
+    """SIGSTOP the fleet's only worker until the block ends: what arrives meanwhile waits in
+    its socket, so the worker then reads full batches (the flood case) deterministically."""
+    (worker,) = fleet.worker_pids()
+    os.kill(worker, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(worker, signal.SIGCONT)
+
+
+def _media(client_index: int, seq: int, size: int) -> bytes:
+    """An RTP-shaped datagram of ``size`` bytes that names its client and sequence number."""
+    head = bytes([0x80, 111]) + seq.to_bytes(2, "big") + client_index.to_bytes(4, "big")
+    return head + bytes(size - len(head))
+
+
+@pytest.mark.parametrize("bundle_max_bytes", [1472, 576, 0])
+def test_a_flood_from_many_clients_arrives_complete_and_in_order(tmp_path, bundle_max_bytes):
+    """Bundled (default and a small limit with oversize packets) or not (0): every client's
+    packets reach the transceiver in the order sent; bundles respect the limit, a packet too
+    big for the limit goes alone as v1, and counters count packets, not datagrams."""
+    transceiver = FakeTransceiver(1, echo=False)
+    rng = random.Random(bundle_max_bytes)
+    try:
+        with running_fleet(
+            tmp_path, [transceiver], workers=1, bundle_max_bytes=bundle_max_bytes
+        ) as fleet:
+            clients = [Client(fleet.relay) for _ in range(40)]
+            for index, client in enumerate(clients):
+                client.send(binding_request(fleet.token(), f"c{index}"))
+            wait_until(
+                lambda: all(transceiver.payloads_from(c.address) for c in clients),
+                what="every route",
+            )
+            sent: dict[tuple, list[bytes]] = {c.address: [] for c in clients}
+            with _paused(fleet):
+                for seq in range(25):
+                    for index, client in enumerate(clients):
+                        size = 700 if seq % 5 == 0 else rng.randint(12, 400)  # 700: oversize
+                        packet = _media(index, seq, size)
+                        client.send(packet)
+                        sent[client.address].append(packet)
+            total = len(clients) * 26  # binding request + 25 media each
+            wait_until(lambda: len(transceiver.received) == total, what="every packet")
+            for client in clients:
+                assert transceiver.payloads_from(client.address)[1:] == sent[client.address]
+            log = transceiver.datagram_log()
+            assert transceiver.bad == 0
+            assert sum(len(lengths) for _, _, lengths in log) == total
+            bundles = [entry for entry in log if entry[0] == "bundle"]
+            for kind, size, lengths in log:
+                if kind == "v1":
+                    assert len(lengths) == 1
+                else:
+                    assert len(lengths) >= 2 and size <= bundle_max_bytes
+                    assert size == sum(28 + n for n in lengths)
+                    assert all(28 + n <= bundle_max_bytes for n in lengths)
+            counters = fleet.status()["relay"]["workers"][0]["counters"]
+            assert counters["tx_internal"] == counters["rx_public"] == total
+            assert counters["bundles_out"] == len(bundles)
+            if bundle_max_bytes:
+                # The paused worker read full batches, so most packets went bundled.
+                assert sum(len(lengths) for _, _, lengths in bundles) > total // 2
+            else:
+                assert bundles == []
+            for client in clients:
+                client.close()
+    finally:
+        transceiver.close()
+
+
+def test_a_live_call_through_the_relay_takes_bundles_and_shrugs_off_malformed_ones(tmp_path):
+    """The real transceiver behind a real relay: a call whose packets arrive bundled (the
+    worker is paused now and then, so the caller's audio piles up) keeps its audio, while
+    malformed bundles sent at the transceiver are dropped and counted, keeping the valid
+    records before the fault."""
+    from aiortc_caller import whip_call
+
+    from voxrelay.engine.signaling import SignalingServer
+    from voxrelay.engine.transceiver import Transceiver, TransceiverSettings
+
+    stranger = encode_record(encode_header("127.0.0.1", 9), rtp_packet(1))  # no such call
+    malformed = [
+        b"\x02",
+        b"\x02\x00\x00",
+        stranger + b"\x02\x00\xff\xff" + encode_header("127.0.0.1", 9) + b"short",
+        stranger + b"\x03" + stranger[1:],
+        encode_record(b"\x01\x04" + bytes(22), b"\x80"),  # header with port 0
+    ]
+    valid_before_fault = 2  # the two bundles that start with a `stranger` record
+    rounds = 5
+
+    async def scenario() -> None:
+        settings = TransceiverSettings(
+            transceiver_id=1, cluster_id=CLUSTER, token_secrets=[SECRET.hex()]
+        )
+        transceiver = Transceiver(settings)
+        await transceiver.open()
+        server = SignalingServer(transceiver)
+        await server.start()
+        fleet = Fleet(tmp_path, [SimpleNamespace(id=1, port=transceiver.port)], workers=1)
+        junk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            await asyncio.to_thread(fleet.up)
+            settings.candidate_port = fleet.relay[1]  # answers name the relay
+            call = asyncio.create_task(whip_call(server.url + "whip", seconds=3.0))
+            await asyncio.sleep(1.0)
+            (worker,) = await asyncio.to_thread(fleet.worker_pids)
+            for _ in range(rounds):
+                os.kill(worker, signal.SIGSTOP)
+                await asyncio.sleep(0.1)
+                os.kill(worker, signal.SIGCONT)
+                for datagram in malformed:
+                    junk.sendto(datagram, ("127.0.0.1", transceiver.port))
+                await asyncio.sleep(0.2)
+            result = await call
+            status = await asyncio.to_thread(fleet.status)
+        finally:
+            junk.close()
+            await asyncio.to_thread(fleet.down)
+            transceiver.close()
+            await asyncio.sleep(0.05)
+            await server.stop()
+        assert result.connected, (result.states, fleet.log())
+        assert result.loud_frames >= 25, result
+        counters = status["relay"]["workers"][0]["counters"]
+        assert counters["bundles_out"] > 0  # the call's packets did arrive bundled
+        assert transceiver.drops["bad_relay_bundle"] == rounds * len(malformed)
+        assert transceiver.drops["unknown_address"] >= rounds * valid_before_fault
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "limit", "shape"),
+    [
+        (32, 1472, (32, 1472)),  # a batch of 32 fits the region: bytes alone bound a bundle
+        (64, 576, (20, 576)),  # at most 576 // 28 records of >= 28 bytes
+        (1024, 65507, (341, 9575)),  # 1024 iovecs per message: 341 records, limit lowered
+        (1, 1472, (1, 1472)),
+    ],
+)
+def test_bundle_regions_hold_every_bundle_the_byte_limit_allows(batch_size, limit, shape):
+    from voxrelay.engine.relay import IOV_MAX, bundle_shape
+
+    assert bundle_shape(batch_size, limit) == shape
+    per_bundle, effective = shape
+    assert 3 * per_bundle <= IOV_MAX
+    assert min(batch_size, effective // 28) <= per_bundle  # records of >= 28 bytes each

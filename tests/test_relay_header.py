@@ -11,13 +11,21 @@ from hypothesis import strategies as st
 
 from voxrelay.proto.errors import ProtocolError
 from voxrelay.proto.relay_header import (
+    BUNDLE_MARKER,
     FAMILY_IPV4,
     FAMILY_IPV6,
     HEADER_SIZE,
+    MAX_RECORD_PAYLOAD,
+    RECORD_OVERHEAD,
+    RECORD_PREFIX_SIZE,
     VERSION,
+    RelayBundleError,
     RelayHeaderError,
+    bundle_decode,
+    bundle_encode,
     decode_header,
     encode_header,
+    encode_record,
     header_from_address,
     route_key_from_sockaddr,
 )
@@ -333,3 +341,139 @@ def test_every_truncation_is_rejected(
             decode_header(header[:length])
         with pytest.raises(RelayHeaderError):
             decode_header(memoryview(header)[:length])
+
+
+# -- bundles (docs/internals.md, "Bundles") ---------------------------------------------------
+
+clients = st.tuples(st.ip_addresses().map(str), ports)
+records = st.lists(st.tuples(clients, st.binary(max_size=300)), min_size=1, max_size=12)
+
+
+def raw_record(header: bytes, payload: bytes, marker: int = 2, reserved: int = 0) -> bytes:
+    """Lay out a record field by field, independently of the module under test."""
+    return struct.pack("!BBH", marker, reserved, len(payload)) + header + payload
+
+
+def _canonical(client: tuple[str, int]) -> tuple[str, int]:
+    """What a receiver decodes for ``client`` (IPv4-mapped IPv6 comes back as IPv4)."""
+    return decode_header(encode_header(*client))
+
+
+def test_bundle_constants_match_the_contract() -> None:
+    assert (BUNDLE_MARKER, RECORD_PREFIX_SIZE, RECORD_OVERHEAD) == (2, 4, 28)
+    assert MAX_RECORD_PAYLOAD == 65535
+
+
+def test_bundle_bytes_are_prefix_header_payload_per_record() -> None:
+    bundle = bundle_encode([(("192.0.2.1", 5004), b"\x80abc"), (("2001:db8::7", 9), b"")])
+    ipv6 = bytes.fromhex("20010db8" + "00" * 11 + "07")
+    assert bundle == raw_record(raw_header(), b"\x80abc") + raw_record(
+        raw_header(family=FAMILY_IPV6, port=9, address=ipv6), b""
+    )
+    assert bundle[0] == BUNDLE_MARKER  # a bundle datagram starts with 2, a v1 one with 1
+    assert bundle[:4] == bytes.fromhex("02 00 0004")
+
+
+def test_bundle_decode_yields_records_in_order_with_payload_slices() -> None:
+    bundle = bundle_encode([(("192.0.2.1", 1), b"one"), (("192.0.2.2", 2), b"two!")])
+    assert list(bundle_decode(bundle)) == [(("192.0.2.1", 1), b"one"), (("192.0.2.2", 2), b"two!")]
+    view = memoryview(bytearray(b"junk" + bundle))[4:]
+    decoded = list(bundle_decode(view))
+    assert all(isinstance(payload, memoryview) for _, payload in decoded)  # no copies
+    assert [(c, bytes(p)) for c, p in decoded] == list(bundle_decode(bundle))
+
+
+def test_encode_record_is_what_bundle_encode_joins() -> None:
+    header = encode_header("198.51.100.4", 40000)
+    assert encode_record(header, b"xy") == b"\x02\x00\x00\x02" + header + b"xy"
+    assert bundle_encode([(("198.51.100.4", 40000), b"xy")]) == encode_record(header, b"xy")
+
+
+def test_bundle_encode_rejects_what_no_bundle_can_carry() -> None:
+    with pytest.raises(RelayBundleError, match="at least one record"):
+        bundle_encode([])
+    with pytest.raises(RelayBundleError, match="at most 65535"):
+        bundle_encode([(("192.0.2.1", 1), bytes(MAX_RECORD_PAYLOAD + 1))])
+    with pytest.raises(RelayBundleError, match="24 bytes"):
+        encode_record(b"short", b"")
+    with pytest.raises(RelayHeaderError):
+        bundle_encode([(("not an address", 1), b"")])
+
+
+def test_relay_bundle_error_is_a_relay_header_error() -> None:
+    assert issubclass(RelayBundleError, RelayHeaderError)
+    assert issubclass(RelayBundleError, ProtocolError)
+
+
+GOOD = raw_record(raw_header(), b"\x80good")
+
+
+@pytest.mark.parametrize(
+    ("bad", "reason"),
+    [
+        (b"", "empty"),
+        (b"\x02", "truncated"),
+        (raw_record(raw_header(), b"")[:-1], "truncated"),
+        (raw_record(raw_header(), b"", marker=1), "starts with 0100"),
+        (raw_record(raw_header(), b"", reserved=7), "starts with 0207"),
+        (raw_record(raw_header(), b"abc")[:-1], "claims 3 payload bytes, only 2 left"),
+        (raw_record(raw_header(version=3), b"x"), "version"),
+        (raw_record(raw_header(reserved=1), b"x"), "reserved"),
+        (raw_record(raw_header(family=FAMILY_IPV6), b"x"), "family 6"),
+    ],
+)
+def test_a_malformed_record_ends_the_bundle_after_the_good_ones(bad: bytes, reason: str) -> None:
+    decoded = []
+    with pytest.raises(RelayBundleError, match=reason) as caught:
+        for record in bundle_decode(GOOD + GOOD + bad if bad else b""):
+            decoded.append(record)
+    if bad:
+        assert decoded == [(("192.0.2.1", 5004), b"\x80good")] * 2  # the records before stand
+        assert (caught.value.index, caught.value.offset) == (2, 2 * len(GOOD))
+    else:
+        assert decoded == []
+
+
+@given(records=records)
+def test_any_bundle_round_trips(records: list[tuple[tuple[str, int], bytes]]) -> None:
+    bundle = bundle_encode(records)
+    assert len(bundle) == sum(RECORD_OVERHEAD + len(p) for _, p in records)
+    assert list(bundle_decode(bundle)) == [(_canonical(c), p) for c, p in records]
+
+
+def _decode_until_rejected(data: bytes) -> tuple[list, bool]:
+    """Records up to the first malformed one; True if one was. Only RelayBundleError passes."""
+    decoded: list = []
+    try:
+        for record in bundle_decode(data):
+            decoded.append(record)
+    except RelayBundleError:
+        return decoded, True
+    return decoded, False
+
+
+@settings(max_examples=300)
+@given(data=st.binary(max_size=120).map(lambda b: b"\x02" + b))
+def test_random_bundles_raise_only_relay_bundle_error(data: bytes) -> None:
+    _decode_until_rejected(data)
+
+
+@settings(max_examples=300)
+@given(
+    records=records,
+    edits=st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=4),
+    cut=st.integers(0, 10_000),
+)
+def test_a_mutated_bundle_yields_only_records_that_re_encode_to_its_bytes(
+    records: list[tuple[tuple[str, int], bytes]], edits: list[tuple[int, int]], cut: int
+) -> None:
+    mutated = bytearray(bundle_encode(records))
+    for offset, value in edits:
+        mutated[offset % len(mutated)] = value
+    if cut % 3 == 0:
+        del mutated[cut % (len(mutated) + 1) :]
+    decoded, rejected = _decode_until_rejected(bytes(mutated))
+    # Whatever a receiver accepts is exactly a prefix of the datagram, record by record.
+    accepted = b"".join(encode_record(encode_header(*c), p) for c, p in decoded)
+    assert bytes(mutated).startswith(accepted)
+    assert rejected or accepted == bytes(mutated)
