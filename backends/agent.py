@@ -29,9 +29,9 @@ from dataclasses import dataclass, field
 
 from aiohttp import WSMsgType, web
 
+from voxrelay.backends.service import accept_call, serve_app
 from voxrelay.proto.backend_wire import (
     CODEC_PCM16,
-    SUBPROTOCOL,
     AudioClear,
     AudioFrame,
     BackendProtocolError,
@@ -39,7 +39,6 @@ from voxrelay.proto.backend_wire import (
     MarkCleared,
     MarkPlayed,
     SessionEnded,
-    SessionStarted,
     SpeechStarted,
     SpeechStopped,
     decode_audio_frame,
@@ -52,7 +51,7 @@ from voxrelay.proto.vad import VoiceActivityDetector
 
 log = logging.getLogger("voxrelay.backends.agent")
 
-__all__ = ["Conversation", "agent_app", "serve"]
+__all__ = ["Conversation", "serve"]
 
 FRAME_SECONDS = 0.02
 MAX_TURN_SECONDS = 8.0
@@ -162,17 +161,9 @@ def _resample_wav(wav: bytes, rate: int) -> bytes | None:
 
 
 async def _call(request: web.Request) -> web.WebSocketResponse:
-    ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=65_536)
-    await ws.prepare(request)
-    first = await ws.receive()
-    try:
-        started = parse_transceiver_event(first.data) if first.type is WSMsgType.TEXT else None
-    except BackendProtocolError as error:
-        await ws.close(code=error.close_code)
-        return ws
-    if not isinstance(started, SessionStarted) or started.codec != CODEC_PCM16:
-        # This agent works on PCM: configure the transceiver's backend with codec pcm16.
-        await ws.close(code=1002)
+    # This agent works on PCM: configure the transceiver's backend with codec pcm16.
+    ws, started = await accept_call(request, codecs=(CODEC_PCM16,))
+    if started is None:
         return ws
     call_id = started.call_id
     conversation = Conversation(started.sample_rate)
@@ -256,22 +247,6 @@ async def _call(request: web.Request) -> web.WebSocketResponse:
     return ws
 
 
-def agent_app() -> web.Application:
-    app = web.Application()
-    app.router.add_get("/", _call)
-    app.router.add_get("/call", _call)
-    return app
-
-
 async def serve(host: str, port: int, ready: asyncio.Event | None = None) -> None:
-    runner = web.AppRunner(agent_app(), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
-    log.info("agent backend listening", extra={"url": f"ws://{host}:{port}/call"})
-    if ready is not None:
-        ready.set()
-    try:
-        await asyncio.Event().wait()
-    finally:
-        await runner.cleanup()
+    """Serve until cancelled."""
+    await serve_app(_call, host, port, name="agent", ready=ready)

@@ -35,6 +35,7 @@ import orjson
 from voxrelay.engine.config import Config, load_config, resolve_secrets
 from voxrelay.engine.fleetstate import FleetState, FleetStateError
 from voxrelay.engine.metrics import FleetCollector, render_metrics
+from voxrelay.engine.processes import free_port, restart_backoff
 from voxrelay.engine.redis_mirror import redact_url
 from voxrelay.engine.relay import WorkerSettings, open_public_socket
 from voxrelay.engine.routing import RoutingTable, TableError
@@ -63,13 +64,6 @@ class _Flags:
     drain: bool = False
     reload: bool = False
     stop_now: bool = False
-
-
-def _free_udp_port(host: str) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -182,7 +176,7 @@ class Supervisor:
         for index in range(relay.workers):
             port = relay.internal_port_base + index if relay.internal_port_base else 0
             if port == 0:
-                port = _free_udp_port(relay.internal_bind)
+                port = free_port(relay.internal_bind)
             pin = pins[index % len(pins)] if pins else None
             self.workers.append(WorkerProcess(index=index, internal_port=port, pin_cpu=pin))
         for worker in self.workers:
@@ -341,16 +335,12 @@ class Supervisor:
                 worker.process = None
                 self.fleet.mark_worker_exited(worker.index)
                 reclaimed = self.table.reclaim(_pid_alive)
-                lived = now - worker.started_at
-                worker.failures = 0 if lived > 10 else worker.failures + 1
                 relay = self.config.relay
-                delay = (
-                    min(
-                        relay.restart_backoff_initial * (2 ** max(worker.failures - 1, 0)),
-                        relay.restart_backoff_max,
-                    )
-                    if worker.failures
-                    else 0.0
+                worker.failures, delay = restart_backoff(
+                    now - worker.started_at,
+                    worker.failures,
+                    relay.restart_backoff_initial,
+                    relay.restart_backoff_max,
                 )
                 worker.restart_at = now + delay
                 log.warning(

@@ -28,6 +28,7 @@ from pathlib import Path
 import orjson
 
 from voxrelay.engine.config import Config
+from voxrelay.engine.processes import free_port, restart_backoff
 from voxrelay.engine.transceiver import TransceiverSettings
 
 log = logging.getLogger("voxrelay.supervisor")
@@ -44,13 +45,6 @@ class TransceiverProcess:
     failures: int = 0
     restart_at: float = 0.0
     restarts: int = 0
-
-
-def _free_port(host: str, kind: int) -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, kind) as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
 
 
 class TransceiverPool:
@@ -71,7 +65,7 @@ class TransceiverPool:
         self.candidate_port = candidate_port
         self.runtime_dir = runtime_dir
         local = config.transceiver
-        self.signaling_port = local.signaling_port or _free_port(
+        self.signaling_port = local.signaling_port or free_port(
             local.signaling_bind, socket.SOCK_STREAM
         )
         self.processes = [
@@ -79,7 +73,7 @@ class TransceiverPool:
                 transceiver_id=transceiver_id,
                 udp_port=(local.port + index)
                 if local.port
-                else _free_port(local.bind, socket.SOCK_DGRAM),
+                else free_port(local.bind, socket.SOCK_DGRAM),
             )
             for index, transceiver_id in enumerate(local.ids)
         ]
@@ -148,15 +142,11 @@ class TransceiverPool:
             process = entry.process
             if process is not None and process.poll() is not None:
                 entry.process = None
-                lived = now - entry.started_at
-                entry.failures = 0 if lived > 10 else entry.failures + 1
-                delay = (
-                    min(
-                        relay.restart_backoff_initial * (2 ** max(entry.failures - 1, 0)),
-                        relay.restart_backoff_max,
-                    )
-                    if entry.failures
-                    else 0.0
+                entry.failures, delay = restart_backoff(
+                    now - entry.started_at,
+                    entry.failures,
+                    relay.restart_backoff_initial,
+                    relay.restart_backoff_max,
                 )
                 entry.restart_at = now + delay
                 with contextlib.suppress(FileNotFoundError):
