@@ -314,3 +314,35 @@ def test_a_killed_backend_connection_ends_only_its_call_with_a_reason(tmp_path):
     assert alive.loud_frames >= 100, alive  # 4 s of echo, untouched by the other call
     assert killed.loud_frames < alive.loud_frames - 30
     assert any(state in ("closed", "failed") for _, state in killed.states)
+
+
+@pytest.mark.parametrize("codec", ["opus", "pcm16"])
+def test_out_of_process_echo_backend_echoes_the_tone(tmp_path, codec):
+    """`voxrelay backend echo` over the wire: Opus passthrough, or decode + re-encode."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "voxrelay", "backend", "echo", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.05)
+        fleet = _fleet(tmp_path, f"ws://127.0.0.1:{port}/call", codec)
+        try:
+            whip = fleet.status()["signaling_url"] + "whip"
+            result = asyncio.run(whip_call(whip, seconds=3.0, frequency=550))
+            row = fleet.status()["local_transceivers"][0]
+            backend = fleet.transceiver_status(row)["backend"]
+        finally:
+            fleet.cli("down", "--now", check=False)
+    finally:
+        process.terminate()
+        process.wait(10)
+    assert result.connected and result.loud_frames >= 40, result
+    assert abs(result.dominant_frequency() - 550) < 25
+    assert backend["calls_connected"] == 1 and backend["backend_frames_played"] >= 50
