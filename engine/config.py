@@ -104,6 +104,11 @@ SECTIONS: Final[dict[str, tuple[str, ...]]] = {
         "signaling_bind",
         "signaling_port",
         "signaling_token",
+        "max_calls",
+        "consent_timeout",
+        "setup_timeout",
+        "certificate",
+        "private_key",
     ),
     "redis": (
         "url",
@@ -263,6 +268,12 @@ class TransceiverConfig:
     signaling_bind: str
     signaling_port: int
     signaling_token: str | None
+    max_calls: int = 10_000
+    consent_timeout: float = 30.0
+    setup_timeout: float = 20.0
+    certificate: Path | None = None
+    """PEM certificate for DTLS (ECDSA); None generates one per process."""
+    private_key: Path | None = None
 
     @property
     def ids(self) -> range:
@@ -841,6 +852,13 @@ def _parse_local_transceivers(table: _Table, registry: TransceiversConfig) -> Tr
             f"expected at least {_MIN_BEARER_TOKEN_LENGTH} characters of A-Z a-z 0-9 - . _ ~ "
             f"+ / (then optional '=' padding), got {_describe_bad_token(token)}",
         )
+    certificate = table.absolute_path("certificate")
+    private_key = table.absolute_path("private_key")
+    if (certificate is None) != (private_key is None):
+        table.fail(
+            "private_key" if certificate is not None else "certificate",
+            "certificate and private_key together (or neither, to generate one)",
+        )
     return TransceiverConfig(
         count=count,
         first_id=first_id,
@@ -850,6 +868,11 @@ def _parse_local_transceivers(table: _Table, registry: TransceiversConfig) -> Tr
         signaling_bind=signaling_bind,
         signaling_port=signaling_port,
         signaling_token=token,
+        max_calls=table.integer("max_calls", 10_000, 1, 1_000_000),
+        consent_timeout=table.seconds("consent_timeout", 30.0, 5.0, 3600.0),
+        setup_timeout=table.seconds("setup_timeout", 20.0, 1.0, 600.0),
+        certificate=certificate,
+        private_key=private_key,
     )
 
 

@@ -117,6 +117,11 @@ class TransceiverPool:
             log_level=cfg.fleet.log_level,
             log_format=cfg.fleet.log_format,
             supervised=True,
+            max_sessions=local.max_calls,
+            consent_timeout=local.consent_timeout,
+            setup_timeout=local.setup_timeout,
+            certificate_path=str(local.certificate) if local.certificate else None,
+            private_key_path=str(local.private_key) if local.private_key else None,
             backend=cfg.backend.client_settings(),
         )
 

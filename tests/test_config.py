@@ -1343,3 +1343,17 @@ def test_bad_backend_keys_name_the_key_and_file(tmp_path, body, key, words):
     assert message.startswith(f"{path}: {key}:"), message
     assert words in message
     assert "\n" not in message
+
+
+def test_transceiver_call_limits_and_certificate_pair(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text(
+        "[transceiver]\nmax_calls = 500\nconsent_timeout = 12\nsetup_timeout = 8\n"
+        f'certificate = "{tmp_path}/cert.pem"\nprivate_key = "{tmp_path}/key.pem"\n'
+    )
+    local = load_config(path).transceiver
+    assert (local.max_calls, local.consent_timeout, local.setup_timeout) == (500, 12.0, 8.0)
+    assert local.certificate == tmp_path / "cert.pem" and local.private_key == tmp_path / "key.pem"
+    path.write_text(f'[transceiver]\ncertificate = "{tmp_path}/cert.pem"\n')
+    with pytest.raises(ConfigError, match=r"transceiver\.private_key: expected certificate"):
+        load_config(path)

@@ -149,3 +149,27 @@ def test_garbage_datagrams_are_counted_and_calls_survive():
 
 
 _sdp = {"Content-Type": "application/sdp"}
+
+
+def test_configured_certificate_is_the_one_the_answer_fingerprints(tmp_path):
+    import time as _time
+
+    from voxrelay.proto.dtls import generate_certificate
+
+    certificate = generate_certificate(_time.time())
+    (tmp_path / "cert.pem").write_bytes(certificate.certificate_pem())
+    (tmp_path / "key.pem").write_bytes(certificate.private_key_pem())
+
+    async def scenario():
+        async with running_transceiver(
+            certificate_path=str(tmp_path / "cert.pem"),
+            private_key_path=str(tmp_path / "key.pem"),
+        ) as (_, server):
+            async with ClientSession() as http:
+                body = CHROMIUM_OFFER.read_text()
+                async with http.post(server.url + "whip", data=body, headers=_sdp) as response:
+                    assert response.status == 201
+                    return await response.text()
+
+    answer = asyncio.run(scenario())
+    assert f"a=fingerprint:sha-256 {certificate.fingerprint('sha-256')}" in answer
