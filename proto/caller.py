@@ -7,7 +7,8 @@ it (RFC 5763), Opus RTP out and in, and enough RTCP for both sides to measure ro
 It exists so that a load generator can run hundreds of calls in one process on one
 socket, which aiortc (a socket and several tasks per call) cannot.
 
-Like :class:`~voxrelay.proto.session.CallSession` it owns no socket and reads no clock.
+Like :class:`~voxrelay.proto.session.CallSession` it owns no socket and reads no clock, and
+its DTLS-SRTP, RTP and RTCP are the same :class:`~voxrelay.proto.media.MediaStream`.
 Drive it with::
 
     caller = CallerSession(certificate, now=now)
@@ -37,50 +38,25 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Final, Literal
 
-import pylibsrtp
 from aioice import stun as aioice_stun
 
 from voxrelay.proto.dtls import (
-    ApplicationData,
-    ConnectionClosed,
     DtlsCertificate,
     DtlsConfiguration,
     DtlsConnection,
     DtlsRole,
-    HandshakeCompleted,
-    SrtpProfile,
 )
 from voxrelay.proto.ice_lite import Address
-from voxrelay.proto.rtcp import (
-    Bye,
-    ReceiverReport,
-    ReportBlock,
-    RtcpError,
-    RtcpPacket,
-    SenderReport,
-    build_bye,
-    build_receiver_report,
-    build_sdes_cname,
-    build_sender_report,
-    parse_rtcp,
-    rtt_from_report_block,
-)
-from voxrelay.proto.rtp import (
-    RtpError,
-    SequenceTracker,
-    build_rtp,
-    ntp_middle32,
-    ntp_timestamp,
-    parse_rtp,
-)
-from voxrelay.proto.sdp import SdpError, generate_ice_pwd, parse_offer
-from voxrelay.proto.session import (
-    OPUS_CLOCK_RATE,
+from voxrelay.proto.media import (
     SAMPLES_PER_FRAME,
     AudioReceived,
-    Closed,
-    Connected,
+    CallStatus,
+    MediaStream,
+    StreamUpdate,
 )
+from voxrelay.proto.rtcp import Bye, RtcpPacket
+from voxrelay.proto.sdp import SdpError, generate_ice_pwd, parse_offer
+from voxrelay.proto.session import Closed, Connected
 
 __all__ = [
     "OPUS_PAYLOAD_TYPE",
@@ -110,16 +86,7 @@ _STUN_HEADER: Final = struct.Struct("!HHI")
 _STUN_SUCCESS: Final = 0x0101
 _STUN_ERROR: Final = 0x0111
 _MAX_REMEMBERED_TRANSACTIONS: Final = 16
-_MAX_REMOTE_SOURCES: Final = 4
 _STRONG_FINGERPRINTS: Final = ("sha-256", "sha-384", "sha-512")
-_SRTP_POLICY: Final = {
-    SrtpProfile.AES128_CM_HMAC_SHA1_80: pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
-    SrtpProfile.AES128_CM_HMAC_SHA1_32: pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_32,
-    SrtpProfile.AEAD_AES_128_GCM: pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM,
-    SrtpProfile.AEAD_AES_256_GCM: pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_256_GCM,
-}
-# A gap this long in what we send starts a new talkspurt (as in CallSession.send_audio).
-_TALKSPURT_GAP: Final = 0.06
 
 
 class CallerError(RuntimeError):
@@ -177,8 +144,13 @@ class _Transaction:
     interval: float
 
 
-class CallerSession:
-    """The client side of one call; see the module docstring for how to drive it."""
+class CallerSession(CallStatus):
+    """The client side of one call; see the module docstring for how to drive it.
+
+    Besides the status of :class:`~voxrelay.proto.media.CallStatus` (``is_connected``,
+    ``packets_sent``, ``round_trip_time``, ...) it counts dropped datagrams in ``drops``
+    and STUN error responses in ``stun_errors``.
+    """
 
     def __init__(
         self,
@@ -213,20 +185,12 @@ class CallerSession:
         """The answer's candidate: where every datagram of :meth:`datagrams_to_send` goes."""
         self.remote_ufrag: str | None = None
         self.remote_pwd: str | None = None
-        self.payload_type = OPUS_PAYLOAD_TYPE
-        self.dtls: DtlsConnection | None = None
         self.drops: Counter[str] = Counter()
         """Datagrams dropped, by reason (for the load generator's report and tests)."""
         self.stun_errors: Counter[int] = Counter()
         """STUN error responses to our checks, by code (401: the peer rejects our pwd)."""
-        self.packets_received = 0
-        self.packets_sent = 0
-        self.octets_sent = 0
-        self.round_trip_time: float | None = None
-        """Latest RTT from the peer's RTCP reports about our stream (RFC 3550 6.4.1)."""
 
         self._dtls_configuration = dtls_configuration
-        self._wall_offset = wall_offset
         self._session_id = random.getrandbits(62)
         self._stream_id = secrets.token_hex(8)
         self._events: deque[CallerEvent] = deque()
@@ -239,34 +203,33 @@ class CallerSession:
         self._ice_completed = False
         self._last_response_at: float | None = None
         self._next_consent_at: float | None = None
-        # SRTP and RTP.
-        self._tx: pylibsrtp.Session | None = None
-        self._rx: pylibsrtp.Session | None = None
-        self._sequence = random.getrandbits(16)
-        self._timestamp = random.getrandbits(32)
-        self._last_send_at: float | None = None
-        self._last_samples = 0
-        self._trackers: dict[int, SequenceTracker] = {}
-        self._last_sr: dict[int, tuple[int, float]] = {}  # ssrc -> (LSR middle32, arrival)
-        self._next_rtcp_at: float | None = None
+        # DTLS-SRTP, RTP and RTCP; DTLS joins once the answer settles our role.
+        self._media = MediaStream(
+            None,
+            ssrc=self.ssrc,
+            cname=self.cname,
+            payload_type=OPUS_PAYLOAD_TYPE,
+            drops=self.drops,
+            rtcp_interval=self.settings.rtcp_interval,
+            srtp_replay_window=self.settings.srtp_replay_window,
+            wall_offset=wall_offset,
+        )
 
     # ------------------------------------------------------------------ status
 
     @property
+    def dtls(self) -> DtlsConnection | None:
+        """The call's DTLS connection, from :meth:`accept_answer` on."""
+        return self._media.dtls
+
+    @property
+    def payload_type(self) -> int:
+        """The Opus payload type we send: ours until the answer names its own."""
+        return self._media.payload_type
+
+    @property
     def is_ice_completed(self) -> bool:
         return self._ice_completed
-
-    @property
-    def is_connected(self) -> bool:
-        return self._tx is not None and self._closed_reason is None
-
-    @property
-    def is_closed(self) -> bool:
-        return self._closed_reason is not None
-
-    @property
-    def closed_reason(self) -> str | None:
-        return self._closed_reason
 
     # ---------------------------------------------------------------- signaling
 
@@ -359,8 +322,8 @@ class CallerSession:
         self.remote_ufrag = audio.ice_ufrag
         self.remote_pwd = audio.ice_pwd
         self.remote_address = remote_address
-        self.payload_type = opus.payload_type
-        self.dtls = DtlsConnection(
+        self._media.payload_type = opus.payload_type
+        self._media.dtls = DtlsConnection(
             role,
             self.certificate,
             expected_remote_fingerprint=fingerprints,
@@ -399,11 +362,10 @@ class CallerSession:
         elif 128 <= first <= 191:
             if len(data) >= 2 and 192 <= data[1] <= 223:
                 self._receive_rtcp(bytes(data), now)
-            else:
-                self._receive_rtp(bytes(data), now)
+            elif (audio := self._media.receive_rtp(bytes(data), now)) is not None:
+                self._events.append(audio)
         elif 20 <= first <= 63:
-            self.dtls.receive_datagram(data, now)
-            self._drain_dtls(now)
+            self._apply(self._media.receive_dtls(data, now), now)
         else:
             self.drops["unknown_protocol"] += 1
 
@@ -414,7 +376,7 @@ class CallerSession:
         assert self._answered_at is not None
         # Deadlines are compared as get_timer() computes them, so a timer at the deadline
         # always fires (now - start can round below the timeout).
-        if self._tx is None and now >= self._answered_at + self.settings.setup_timeout:
+        if not self._media.is_keyed and now >= self._answered_at + self.settings.setup_timeout:
             self._close("setup timeout", now, polite=False)
             return
         last = self._last_response_at
@@ -431,41 +393,18 @@ class CallerSession:
         if self._next_consent_at is not None and now >= self._next_consent_at:
             self._transmit_check(self._new_check(now, use_candidate=False), now)
             self._next_consent_at = now + self._consent_interval()
-        timer = self.dtls.get_timer()
-        if timer is not None and timer <= now:
-            self.dtls.handle_timer(now)
-            self._drain_dtls(now)
-        if self._next_rtcp_at is not None and now >= self._next_rtcp_at:
-            self._send_rtcp_report(now)
+        self._apply(self._media.handle_timer(now), now)
 
     def send_audio(self, payload: bytes, now: float, samples: int = SAMPLES_PER_FRAME) -> bool:
         """Send one Opus frame; False (and nothing sent) before SRTP keys exist or after close.
 
         The marker bit starts each talkspurt, whose first timestamp accounts for the pause.
         """
-        tx = self._tx
-        if tx is None or self._closed_reason is not None:
+        if self._closed_reason is not None:
             return False
-        last = self._last_send_at
-        marker = last is None or now - last > _TALKSPURT_GAP
-        if marker and last is not None:
-            elapsed = int((now - last) * OPUS_CLOCK_RATE) - self._last_samples
-            if elapsed > 0:
-                self._timestamp = (self._timestamp + elapsed) & 0xFFFFFFFF
-        self._last_send_at = now
-        self._last_samples = samples
-        plain = build_rtp(
-            self.payload_type, self._sequence, self._timestamp, self.ssrc, payload, marker
-        )
-        self._sequence = (self._sequence + 1) & 0xFFFF
-        self._timestamp = (self._timestamp + samples) & 0xFFFFFFFF
-        try:
-            packet = tx.protect(plain)
-        except pylibsrtp.Error:
-            self.drops["srtp_protect_failed"] += 1
+        packet = self._media.protect_audio(payload, now, samples)
+        if packet is None:
             return False
-        self.packets_sent += 1
-        self.octets_sent += len(payload)
         self._outgoing.append(packet)
         return True
 
@@ -488,10 +427,10 @@ class CallerSession:
         if self._closed_reason is not None or self.dtls is None:
             return None
         assert self._answered_at is not None
-        candidates = [self.dtls.get_timer(), self._next_consent_at, self._next_rtcp_at]
+        candidates = [self._media.get_timer(), self._next_consent_at]
         if self._check is not None:
             candidates.append(self._check.next_at)
-        if self._tx is None:
+        if not self._media.is_keyed:
             candidates.append(self._answered_at + self.settings.setup_timeout)
         if self._last_response_at is not None:
             candidates.append(self._last_response_at + self.settings.consent_timeout)
@@ -577,170 +516,32 @@ class CallerSession:
             assert self.remote_address is not None and self.dtls is not None
             self._events.append(IceCompleted(self.remote_address, now - self.created_at))
             if self.dtls.role is DtlsRole.CLIENT:
-                self.dtls.start_handshake(now)
-                self._drain_dtls(now)
-
-    # ------------------------------------------------------------------- DTLS
-
-    def _drain_dtls(self, now: float) -> None:
-        assert self.dtls is not None
-        self._outgoing.extend(self.dtls.datagrams_to_send(now))
-        while (event := self.dtls.next_event()) is not None:
-            if isinstance(event, HandshakeCompleted):
-                self._key_srtp(event, now)
-            elif isinstance(event, ApplicationData):
-                self.drops["dtls_application_data"] += 1
-            elif isinstance(event, ConnectionClosed):
-                reason = "dtls closed by peer" if event.by_peer else f"dtls failed: {event.reason}"
-                self._close(reason, now, polite=False)
-                return
-
-    def _key_srtp(self, event: HandshakeCompleted, now: float) -> None:
-        if event.srtp_profile is None:
-            self._close("dtls negotiated no SRTP profile", now, polite=True)
-            return
-        profile = _SRTP_POLICY[event.srtp_profile]
-        outbound = pylibsrtp.Policy(
-            key=event.local_srtp_key + event.local_srtp_salt,
-            ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
-            srtp_profile=profile,
-        )
-        inbound = pylibsrtp.Policy(
-            key=event.remote_srtp_key + event.remote_srtp_salt,
-            ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND,
-            srtp_profile=profile,
-        )
-        inbound.window_size = self.settings.srtp_replay_window
-        self._tx = pylibsrtp.Session(outbound)
-        self._rx = pylibsrtp.Session(inbound)
-        self._next_rtcp_at = now + self._rtcp_interval()
-        assert self.remote_address is not None
-        self._events.append(
-            Connected(
-                self.remote_address,
-                now - self.created_at,
-                event.handshake_time,
-                event.srtp_profile,
-                event.cipher_suite.name,
-            )
-        )
+                self._apply(self._media.start_handshake(now), now)
 
     # ------------------------------------------------------------------- media
 
-    def _receive_rtp(self, data: bytes, now: float) -> None:
-        rx = self._rx
-        if rx is None:
-            self.drops["media_before_keys"] += 1
-            return
-        try:
-            packet = parse_rtp(rx.unprotect(data))
-        except pylibsrtp.Error:
-            self.drops["srtp_auth_failed"] += 1
-            return
-        except RtpError:
-            self.drops["rtp_malformed"] += 1
-            return
-        tracker = self._trackers.get(packet.ssrc)
-        if tracker is None:
-            if len(self._trackers) >= _MAX_REMOTE_SOURCES:
-                self.drops["rtp_too_many_sources"] += 1
-                return
-            tracker = self._trackers[packet.ssrc] = SequenceTracker(OPUS_CLOCK_RATE)
-        tracker.update(packet.sequence_number, packet.timestamp, now)
-        self.packets_received += 1
-        self._events.append(
-            AudioReceived(
-                bytes(packet.payload),
-                packet.payload_type,
-                packet.sequence_number,
-                packet.timestamp,
-                packet.ssrc,
-                packet.marker,
-                now,
-            )
-        )
-
     def _receive_rtcp(self, data: bytes, now: float) -> None:
-        rx = self._rx
-        if rx is None:
-            self.drops["media_before_keys"] += 1
-            return
-        try:
-            packets = parse_rtcp(rx.unprotect_rtcp(data))
-        except pylibsrtp.Error:
-            self.drops["srtcp_auth_failed"] += 1
-            return
-        except RtcpError:
-            self.drops["rtcp_malformed"] += 1
+        packets = self._media.receive_rtcp(data, now)
+        if packets is None:
             return
         self._events.append(RtcpReceived(tuple(packets), now))
-        arrival_middle = ntp_middle32(ntp_timestamp(now + self._wall_offset))
-        for packet in packets:
-            if isinstance(packet, SenderReport):
-                self._last_sr[packet.ssrc] = (ntp_middle32(packet.ntp_timestamp), now)
-            if isinstance(packet, SenderReport | ReceiverReport):
-                for block in packet.reports:
-                    if block.ssrc == self.ssrc:
-                        rtt = rtt_from_report_block(block, arrival_middle)
-                        if rtt is not None:
-                            self.round_trip_time = rtt
-            elif isinstance(packet, Bye):
-                self._close("peer sent RTCP BYE", now, polite=False)
-                return
+        if any(isinstance(packet, Bye) for packet in packets):
+            self._close("peer sent RTCP BYE", now, polite=False)
 
-    def _rtcp_interval(self) -> float:
-        return self.settings.rtcp_interval * random.uniform(0.5, 1.5)
-
-    def _rtcp_compound(self, now: float) -> bytes:
-        blocks: list[ReportBlock] = []
-        for ssrc, tracker in self._trackers.items():
-            lsr, delay = 0, 0
-            if ssrc in self._last_sr:
-                lsr, received_at = self._last_sr[ssrc]
-                delay = int((now - received_at) * 65536) & 0xFFFFFFFF
-            blocks.append(tracker.report_block(ssrc, lsr, delay))
-        if self.packets_sent:
-            report = build_sender_report(
-                self.ssrc,
-                ntp_timestamp(now + self._wall_offset),
-                self._rtp_timestamp_at(now),
-                self.packets_sent,
-                self.octets_sent,
-                blocks,
-            )
-        else:
-            report = build_receiver_report(self.ssrc, blocks)
-        return report + build_sdes_cname(self.ssrc, self.cname)
-
-    def _rtp_timestamp_at(self, now: float) -> int:
-        """Our RTP clock at ``now``, which an SR pairs with the NTP time (RFC 3550 6.4.1)."""
-        if self._last_send_at is None:
-            return self._timestamp
-        last_frame = self._timestamp - self._last_samples
-        return (last_frame + int((now - self._last_send_at) * OPUS_CLOCK_RATE)) & 0xFFFFFFFF
-
-    def _send_rtcp_report(self, now: float) -> None:
-        self._next_rtcp_at = now + self._rtcp_interval()
-        self._send_rtcp(self._rtcp_compound(now))
-
-    def _send_rtcp(self, plain: bytes) -> None:
-        if self._tx is None:
-            return
-        try:
-            self._outgoing.append(self._tx.protect_rtcp(plain))
-        except pylibsrtp.Error:
-            self.drops["srtp_protect_failed"] += 1
+    def _apply(self, update: StreamUpdate, now: float) -> None:
+        self._outgoing.extend(update.datagrams)
+        if update.keyed is not None:
+            assert self.remote_address is not None
+            elapsed = now - self.created_at
+            self._events.append(Connected.after(update.keyed, self.remote_address, elapsed))
+        if update.end_reason is not None:
+            self._close(update.end_reason, now, polite=update.end_politely)
 
     def _close(self, reason: str, now: float, *, polite: bool) -> None:
-        if polite and self._tx is not None:
-            self._send_rtcp(self._rtcp_compound(now) + build_bye([self.ssrc], reason[:255]))
-        if polite and self.dtls is not None and not self.dtls.is_closed:
-            self.dtls.close(now)
-            self._outgoing.extend(self.dtls.datagrams_to_send(now))
+        self._outgoing.extend(self._media.close(now, reason, polite=polite))
         self._closed_reason = reason
         self._check = None
         self._next_consent_at = None
-        self._next_rtcp_at = None
         self._events.append(Closed(reason, now - self.created_at))
 
 

@@ -5,7 +5,8 @@ transceiver feeds it every datagram of the call with the client address the rela
 (``receive_datagram(data, addr, now)``), calls ``handle_timer(now)`` when ``get_timer()``
 says, and sends what ``datagrams_to_send()`` returns, each with the client address to send
 it to. The backend's audio goes in through :meth:`CallSession.send_audio`; the caller's
-audio and the call's milestones come out of :meth:`CallSession.next_event`.
+audio and the call's milestones come out of :meth:`CallSession.next_event`. Its DTLS-SRTP,
+RTP and RTCP, which the client's side runs alike, live in :mod:`.media`.
 
 Lifecycle, each step reported as an event::
 
@@ -26,17 +27,10 @@ shutdown). Closing sends close_notify and an RTCP BYE when keys exist.
 from __future__ import annotations
 
 import os
-import random
-import struct
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Final
-
-import pylibsrtp
 
 from voxrelay.proto.dtls import (
-    ApplicationData,
-    ConnectionClosed,
     DtlsCertificate,
     DtlsConfiguration,
     DtlsConnection,
@@ -51,19 +45,15 @@ from voxrelay.proto.ice_lite import (
     IceLiteSession,
     Nominated,
 )
-from voxrelay.proto.rtcp import (
-    Bye,
-    ReceiverReport,
-    RtcpError,
-    SenderReport,
-    build_bye,
-    build_receiver_report,
-    build_sdes_cname,
-    build_sender_report,
-    parse_rtcp,
-    rtt_from_report_block,
+from voxrelay.proto.media import (
+    OPUS_CLOCK_RATE,
+    SAMPLES_PER_FRAME,
+    AudioReceived,
+    CallStatus,
+    MediaStream,
+    StreamUpdate,
 )
-from voxrelay.proto.rtp import SequenceTracker, ntp_middle32, ntp_timestamp
+from voxrelay.proto.rtcp import Bye
 from voxrelay.proto.sdp import Answer
 
 __all__ = [
@@ -77,20 +67,6 @@ __all__ = [
     "Connected",
     "IceConnected",
 ]
-
-OPUS_CLOCK_RATE: Final = 48_000
-SAMPLES_PER_FRAME: Final = 960
-"""20 ms of Opus at its 48 kHz RTP clock, the frame size WebRTC uses."""
-
-_RTP_HEADER: Final = struct.Struct("!BBHII")
-_SRTP_POLICY: Final = {
-    SrtpProfile.AES128_CM_HMAC_SHA1_80: pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_80,
-    SrtpProfile.AES128_CM_HMAC_SHA1_32: pylibsrtp.Policy.SRTP_PROFILE_AES128_CM_SHA1_32,
-    SrtpProfile.AEAD_AES_128_GCM: pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_128_GCM,
-    SrtpProfile.AEAD_AES_256_GCM: pylibsrtp.Policy.SRTP_PROFILE_AEAD_AES_256_GCM,
-}
-# A gap this long in what we send starts a new talkspurt: set the RTP marker bit.
-_TALKSPURT_GAP: Final = 0.06
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,18 +99,16 @@ class Connected:
     srtp_profile: SrtpProfile | None
     cipher_suite: str
 
-
-@dataclass(frozen=True, slots=True)
-class AudioReceived:
-    """One decrypted RTP packet of the caller's audio."""
-
-    payload: bytes
-    payload_type: int
-    sequence_number: int
-    timestamp: int
-    ssrc: int
-    marker: bool
-    arrival: float
+    @classmethod
+    def after(cls, handshake: HandshakeCompleted, address: Address, elapsed: float) -> Connected:
+        """The event for ``handshake``, which keyed SRTP ``elapsed`` seconds into the call."""
+        return cls(
+            address,
+            elapsed,
+            handshake.handshake_time,
+            handshake.srtp_profile,
+            handshake.cipher_suite.name,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,8 +120,12 @@ class Closed:
 CallEvent = IceConnected | Connected | AudioReceived | Closed
 
 
-class CallSession:
-    """The state of one call; see the module docstring for how to drive it."""
+class CallSession(CallStatus):
+    """The state of one call; see the module docstring for how to drive it.
+
+    Besides the status of :class:`~voxrelay.proto.media.CallStatus` (``is_connected``,
+    ``packets_sent``, ``round_trip_time``, ...) it counts dropped datagrams in ``drops``.
+    """
 
     def __init__(
         self,
@@ -164,7 +142,6 @@ class CallSession:
         """``wall_offset`` turns ``now`` into Unix time (RTCP sender reports carry NTP
         wall-clock time, and proto/ never reads a clock itself)."""
         self.settings = settings or CallSettings()
-        self._wall_offset = wall_offset
         self.answer = answer
         self.ssrc = ssrc
         self.cname = cname
@@ -188,43 +165,23 @@ class CallSession:
         )
         self.drops: Counter[str] = Counter()
         """Datagrams dropped, by reason (for metrics and tests)."""
-        self.packets_received = 0
-        self.packets_sent = 0
-        self.octets_sent = 0
-        self.round_trip_time: float | None = None
-        """Latest RTT from the caller's RTCP receiver reports (RFC 3550 6.4.1)."""
 
         self._events: deque[CallEvent] = deque()
         self._outgoing: list[tuple[bytes, Address]] = []
         self._closed_reason: str | None = None
         self._ice_connected = False
-        self._tx: pylibsrtp.Session | None = None
-        self._rx: pylibsrtp.Session | None = None
-        self._rtcp_rsize = answer.rtcp_rsize
-        self._payload_type = answer.opus_payload_type
-        # Outbound RTP state; random starts as RFC 3550 5.1 asks.
-        self._sequence = random.getrandbits(16)
-        self._timestamp = random.getrandbits(32)
-        self._last_send_at: float | None = None
-        self._last_samples = 0
-        # Inbound statistics, per caller SSRC (normally one).
-        self._trackers: dict[int, SequenceTracker] = {}
-        self._last_sr: dict[int, tuple[int, float]] = {}  # ssrc -> (LSR middle32, arrival)
-        self._next_rtcp_at: float | None = None
+        self._media = MediaStream(
+            self.dtls,
+            ssrc=ssrc,
+            cname=cname,
+            payload_type=answer.opus_payload_type,
+            drops=self.drops,
+            rtcp_interval=self.settings.rtcp_interval,
+            srtp_replay_window=self.settings.srtp_replay_window,
+            wall_offset=wall_offset,
+        )
 
     # ------------------------------------------------------------------ status
-
-    @property
-    def is_connected(self) -> bool:
-        return self._tx is not None and self._closed_reason is None
-
-    @property
-    def is_closed(self) -> bool:
-        return self._closed_reason is not None
-
-    @property
-    def closed_reason(self) -> str | None:
-        return self._closed_reason
 
     @property
     def address(self) -> Address | None:
@@ -252,12 +209,13 @@ class CallSession:
             self.drops["unvalidated_address"] += 1
         elif 128 <= first <= 191:
             if len(data) >= 2 and 192 <= data[1] <= 223:
-                self._receive_rtcp(data, now)
-            else:
-                self._receive_rtp(data, addr, now)
+                packets = self._media.receive_rtcp(data, now)
+                if packets is not None and any(isinstance(p, Bye) for p in packets):
+                    self._close("caller sent RTCP BYE", now, polite=False)
+            elif (audio := self._media.receive_rtp(data, now)) is not None:
+                self._events.append(audio)
         elif 20 <= first <= 63:
-            self.dtls.receive_datagram(data, now)
-            self._drain_dtls(now)
+            self._apply(self._media.receive_dtls(data, now), now)
         else:
             self.drops["unknown_protocol"] += 1
 
@@ -270,15 +228,10 @@ class CallSession:
         if self._closed_reason is not None:
             return
         # Compared as get_timer() computes it: now - created_at can round below the timeout.
-        if self._tx is None and now >= self.created_at + self.settings.setup_timeout:
+        if not self._media.is_keyed and now >= self.created_at + self.settings.setup_timeout:
             self._close("setup timeout", now, polite=False)
             return
-        timer = self.dtls.get_timer()
-        if timer is not None and timer <= now:
-            self.dtls.handle_timer(now)
-            self._drain_dtls(now)
-        if self._next_rtcp_at is not None and now >= self._next_rtcp_at:
-            self._send_rtcp_report(now)
+        self._apply(self._media.handle_timer(now), now)
 
     def send_audio(self, payload: bytes, now: float, samples: int = SAMPLES_PER_FRAME) -> bool:
         """Send one Opus frame to the caller; False (and nothing sent) before keys exist.
@@ -286,36 +239,14 @@ class CallSession:
         The RTP timestamp advances by ``samples`` after this frame; the marker bit is set
         on the first frame after a pause in sending, which starts a talkspurt.
         """
-        tx = self._tx
+        if self._closed_reason is not None:
+            return False
         address = self.address
-        if tx is None or address is None or self._closed_reason is not None:
+        if address is None:
             return False
-        last = self._last_send_at
-        marker = last is None or now - last > _TALKSPURT_GAP
-        if marker and last is not None:
-            # A new talkspurt: stamp it with the time that really passed since the last
-            # frame (RFC 3550 5.1: the timestamp is the sampling instant).
-            elapsed = int((now - last) * OPUS_CLOCK_RATE) - self._last_samples
-            if elapsed > 0:
-                self._timestamp = (self._timestamp + elapsed) & 0xFFFFFFFF
-        self._last_send_at = now
-        self._last_samples = samples
-        header = _RTP_HEADER.pack(
-            0x80,
-            (0x80 if marker else 0) | self._payload_type,
-            self._sequence,
-            self._timestamp,
-            self.ssrc,
-        )
-        self._sequence = (self._sequence + 1) & 0xFFFF
-        self._timestamp = (self._timestamp + samples) & 0xFFFFFFFF
-        try:
-            packet = tx.protect(header + payload)
-        except pylibsrtp.Error:
-            self.drops["srtp_protect_failed"] += 1
+        packet = self._media.protect_audio(payload, now, samples)
+        if packet is None:
             return False
-        self.packets_sent += 1
-        self.octets_sent += len(payload)
         self._outgoing.append((packet, address))
         return True
 
@@ -337,11 +268,15 @@ class CallSession:
         """When :meth:`handle_timer` is next due, or None once closed."""
         if self._closed_reason is not None:
             return None
-        candidates = [self.ice.get_timer(), self.dtls.get_timer(), self._next_rtcp_at]
-        if self._tx is None:
-            candidates.append(self.created_at + self.settings.setup_timeout)
-        due = [t for t in candidates if t is not None]
-        return min(due) if due else None
+        due = self._media.get_timer()
+        ice_at = self.ice.get_timer()
+        if ice_at is not None and (due is None or ice_at < due):
+            due = ice_at
+        if not self._media.is_keyed:
+            setup_at = self.created_at + self.settings.setup_timeout
+            if due is None or setup_at < due:
+                due = setup_at
+        return due
 
     def next_event(self) -> CallEvent | None:
         return self._events.popleft() if self._events else None
@@ -355,182 +290,28 @@ class CallSession:
                     self._ice_connected = True
                     self._events.append(IceConnected(event.address, now - self.created_at))
                     if self.dtls.role is DtlsRole.CLIENT:
-                        self.dtls.start_handshake(now)
-                        self._drain_dtls(now)
+                        self._apply(self._media.start_handshake(now), now)
             elif isinstance(event, ConsentExpired) and not self.ice.validated_addresses:
                 self._close("consent expired", now, polite=False)
                 return
 
-    def _drain_dtls(self, now: float) -> None:
+    def _send(self, datagrams: list[bytes]) -> None:
+        """Queue ``datagrams`` to the media address; with none (consent lost), drop them."""
         address = self.address
-        for datagram in self.dtls.datagrams_to_send(now):
-            if address is not None:
-                self._outgoing.append((datagram, address))
-        while (event := self.dtls.next_event()) is not None:
-            if isinstance(event, HandshakeCompleted):
-                self._key_srtp(event, now)
-            elif isinstance(event, ApplicationData):
-                self.drops["dtls_application_data"] += 1  # no data channels here
-            elif isinstance(event, ConnectionClosed):
-                reason = "dtls closed by peer" if event.by_peer else f"dtls failed: {event.reason}"
-                self._close(reason, now, polite=False)
-                return
+        if address is not None:
+            self._outgoing.extend([(datagram, address) for datagram in datagrams])
 
-    def _key_srtp(self, event: HandshakeCompleted, now: float) -> None:
-        if event.srtp_profile is None:
-            self._close("dtls negotiated no SRTP profile", now, polite=True)
-            return
-        profile = _SRTP_POLICY[event.srtp_profile]
-        outbound = pylibsrtp.Policy(
-            key=event.local_srtp_key + event.local_srtp_salt,
-            ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND,
-            srtp_profile=profile,
-        )
-        inbound = pylibsrtp.Policy(
-            key=event.remote_srtp_key + event.remote_srtp_salt,
-            ssrc_type=pylibsrtp.Policy.SSRC_ANY_INBOUND,
-            srtp_profile=profile,
-        )
-        inbound.window_size = self.settings.srtp_replay_window
-        self._tx = pylibsrtp.Session(outbound)
-        self._rx = pylibsrtp.Session(inbound)
-        self._schedule_rtcp(now)
-        self._events.append(
-            Connected(
-                self.address or ("", 0),
-                now - self.created_at,
-                event.handshake_time,
-                event.srtp_profile,
-                event.cipher_suite.name,
-            )
-        )
-
-    def _receive_rtp(self, data: bytes, addr: Address, now: float) -> None:
-        rx = self._rx
-        if rx is None:
-            self.drops["media_before_keys"] += 1
-            return
-        try:
-            plain = rx.unprotect(data)
-        except pylibsrtp.Error:
-            self.drops["srtp_auth_failed"] += 1
-            return
-        if len(plain) < 12:
-            self.drops["rtp_malformed"] += 1
-            return
-        first, second, sequence, timestamp, ssrc = _RTP_HEADER.unpack_from(plain)
-        offset = 12 + 4 * (first & 0x0F)
-        if first & 0x10:  # header extension: 4-byte header then length words
-            if len(plain) < offset + 4:
-                self.drops["rtp_malformed"] += 1
-                return
-            offset += 4 + 4 * int.from_bytes(plain[offset + 2 : offset + 4], "big")
-        end = len(plain)
-        if first & 0x20:  # padding: the last byte counts it
-            end -= plain[-1]
-        if offset > end or (first & 0x20 and plain[-1] == 0):
-            self.drops["rtp_malformed"] += 1
-            return
-        tracker = self._trackers.get(ssrc)
-        if tracker is None:
-            if len(self._trackers) >= 4:
-                self.drops["rtp_too_many_sources"] += 1
-                return
-            tracker = self._trackers[ssrc] = SequenceTracker(OPUS_CLOCK_RATE)
-        tracker.update(sequence, timestamp, now)
-        self.packets_received += 1
-        self._events.append(
-            AudioReceived(
-                plain[offset:end],
-                second & 0x7F,
-                sequence,
-                timestamp,
-                ssrc,
-                bool(second & 0x80),
-                now,
-            )
-        )
-
-    def _receive_rtcp(self, data: bytes, now: float) -> None:
-        rx = self._rx
-        if rx is None:
-            self.drops["media_before_keys"] += 1
-            return
-        try:
-            plain = rx.unprotect_rtcp(data)
-            packets = parse_rtcp(plain)
-        except pylibsrtp.Error:
-            self.drops["srtcp_auth_failed"] += 1
-            return
-        except RtcpError:
-            self.drops["rtcp_malformed"] += 1
-            return
-        arrival_middle = ntp_middle32(ntp_timestamp(now + self._wall_offset))
-        for packet in packets:
-            if isinstance(packet, SenderReport):
-                self._last_sr[packet.ssrc] = ((packet.ntp_timestamp >> 16) & 0xFFFFFFFF, now)
-            if isinstance(packet, SenderReport | ReceiverReport):
-                for block in packet.reports:
-                    if block.ssrc == self.ssrc:
-                        rtt = rtt_from_report_block(block, arrival_middle)
-                        if rtt is not None and rtt >= 0:
-                            self.round_trip_time = rtt
-            elif isinstance(packet, Bye):
-                self._close("caller sent RTCP BYE", now, polite=False)
-                return
-
-    def _schedule_rtcp(self, now: float) -> None:
-        self._next_rtcp_at = now + self.settings.rtcp_interval * random.uniform(0.5, 1.5)
-
-    def _report_blocks(self, now: float) -> list:
-        blocks = []
-        for ssrc, tracker in self._trackers.items():
-            lsr, delay = 0, 0
-            if ssrc in self._last_sr:
-                lsr, received_at = self._last_sr[ssrc]
-                delay = int((now - received_at) * 65536) & 0xFFFFFFFF
-            blocks.append(tracker.report_block(ssrc, lsr, delay))
-        return blocks
-
-    def _rtcp_compound(self, now: float) -> bytes:
-        blocks = self._report_blocks(now)
-        if self.packets_sent:
-            report = build_sender_report(
-                self.ssrc,
-                ntp_timestamp(now + self._wall_offset),
-                self._timestamp,
-                self.packets_sent,
-                self.octets_sent,
-                blocks,
-            )
-        else:
-            report = build_receiver_report(self.ssrc, blocks)
-        return report + build_sdes_cname(self.ssrc, self.cname)
-
-    def _send_rtcp_report(self, now: float) -> None:
-        self._schedule_rtcp(now)
-        self._send_rtcp(self._rtcp_compound(now))
-
-    def _send_rtcp(self, plain: bytes) -> None:
-        address = self.address
-        if self._tx is None or address is None:
-            return
-        try:
-            self._outgoing.append((self._tx.protect_rtcp(plain), address))
-        except pylibsrtp.Error:
-            self.drops["srtp_protect_failed"] += 1
+    def _apply(self, update: StreamUpdate, now: float) -> None:
+        self._send(update.datagrams)
+        if update.keyed is not None:
+            address = self.address or ("", 0)
+            self._events.append(Connected.after(update.keyed, address, now - self.created_at))
+        if update.end_reason is not None:
+            self._close(update.end_reason, now, polite=update.end_politely)
 
     def _close(self, reason: str, now: float, *, polite: bool) -> None:
-        if polite and self._tx is not None:
-            self._send_rtcp(self._rtcp_compound(now) + build_bye([self.ssrc], reason[:255]))
-        if polite and not self.dtls.is_closed:
-            self.dtls.close(now)
-            address = self.address
-            for datagram in self.dtls.datagrams_to_send(now):
-                if address is not None:
-                    self._outgoing.append((datagram, address))
+        self._send(self._media.close(now, reason, polite=polite))
         self._closed_reason = reason
-        self._next_rtcp_at = None
         self._events.append(Closed(reason, now - self.created_at))
 
 
