@@ -823,8 +823,12 @@ class LineChannel:
         return message
 
 
-def spawn(role_args: list[str], what: str) -> tuple[Any, LineChannel]:
-    """Start ``python -m voxrelay.bench.loadgen`` (or another module) with pipes."""
+def spawn(role_args: list[str], what: str, *, new_session: bool = False) -> tuple[Any, LineChannel]:
+    """Start ``python -m voxrelay.bench.loadgen`` (or another module) with pipes.
+
+    ``new_session``: in a session of its own, so with autogrouping (the Linux default) the
+    scheduler gives the process a CPU share of its own instead of a part of this one's.
+    """
     import subprocess
 
     process = subprocess.Popen(
@@ -832,6 +836,7 @@ def spawn(role_args: list[str], what: str) -> tuple[Any, LineChannel]:
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=new_session,
     )
     return process, LineChannel(process, what)
 

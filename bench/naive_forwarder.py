@@ -211,7 +211,12 @@ class NaiveForwarderProcess:
             args.append("--reuse-port")
         if cpus:
             args += ["--cpus", ",".join(map(str, cpus))]
-        self.process, channel = spawn(args, f"naive forwarder {index}")
+        # A session of its own, like the fleet `voxrelay up --detach` starts: in the
+        # benchmark's session it would share one scheduler autogroup with the clients and
+        # the sink, and on a busy machine get a fraction of the CPU share the relay gets -
+        # starved, it reads big batches late, which lowers its CPU per packet and raises
+        # its latency (measured: +0.5 s p50 beside two busy processes on its CPU).
+        self.process, channel = spawn(args, f"naive forwarder {index}", new_session=True)
         try:
             ready = channel.read(15)
             self.port: int = ready["port"]

@@ -22,6 +22,9 @@ ratios voxrelay / naive of CPU per packet are compared with the targets (0.75 fl
 
 With ``--workers`` smaller than the usable CPUs, forwarders are pinned to the last CPUs
 and the load generator and sink to the others, so a forwarder has a core of its own.
+Each forwarder runs in a session of its own (the fleet through ``voxrelay up --detach``,
+the naive processes started so), so the scheduler's autogrouping treats them alike: a
+forwarder in the benchmark's own group would share one CPU share with the load processes.
 
 The fleet bundles relay -> transceiver datagrams as configured by ``--bundle-max-bytes``
 (the relay's default; 0 sends one internal datagram per packet). Packets are always

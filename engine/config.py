@@ -89,6 +89,7 @@ SECTIONS: Final[dict[str, tuple[str, ...]]] = {
         "batch_size",
         "max_datagram",
         "bundle_max_bytes",
+        "coalesce_us",
         "pin_cpus",
         "drain_seconds",
         "restart_backoff_initial",
@@ -145,6 +146,7 @@ _MAX_CPU_ID: Final = 4095
 _MAX_UDP_PAYLOAD: Final = 65507  # IPv4: 65535 - 20 (IP header) - 8 (UDP header)
 _DEFAULT_BUNDLE_BYTES: Final = 1472  # a 1500-byte MTU minus IPv4 and UDP headers
 _MIN_BUNDLE_BYTES: Final = 576
+_MAX_COALESCE_US: Final = 200  # a worker's coalescing sleep adds at most this per hop
 _FLEET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,31}")
 # RFC 6750 b64token: the characters a bearer token may use in an Authorization header.
 _BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
@@ -224,6 +226,7 @@ class RelayConfig:
     batch_size: int
     max_datagram: int
     bundle_max_bytes: int
+    coalesce_us: int
     pin_cpus: bool | tuple[int, ...]
     drain_seconds: float
     restart_backoff_initial: float
@@ -723,6 +726,7 @@ def _parse_relay(table: _Table) -> RelayConfig:
     )
     if 0 < bundle_max_bytes < _MIN_BUNDLE_BYTES:
         table.fail("bundle_max_bytes", bundle_what, bundle_max_bytes)
+    coalesce_us = table.integer("coalesce_us", 100, 0, _MAX_COALESCE_US)
     pin_cpus = _parse_pin_cpus(table)
     drain_seconds = table.seconds("drain_seconds", 5, 0, 3600)
     backoff_initial = table.seconds("restart_backoff_initial", 0.5, 0.01, 60)
@@ -747,6 +751,7 @@ def _parse_relay(table: _Table) -> RelayConfig:
         batch_size=batch_size,
         max_datagram=max_datagram,
         bundle_max_bytes=bundle_max_bytes,
+        coalesce_us=coalesce_us,
         pin_cpus=pin_cpus,
         drain_seconds=drain_seconds,
         restart_backoff_initial=backoff_initial,

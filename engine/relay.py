@@ -22,6 +22,12 @@ record a 4-byte prefix from preallocated memory, the key iovec into shared memor
 payload iovec into the receive buffer - still no copy and no allocation per packet. A
 transceiver with a single packet in the batch gets a plain v1 datagram.
 
+Wake-ups: at a light load nearly every wake-up finds one datagram, so the loop keeps a
+wake-up's own cost down (counters flush and the directory is checked once per tick, not
+per wake-up) and, while the rate is steady, makes fewer of them: with ``coalesce_us`` a
+wake-up that read only a few datagrams is followed by a short sleep, and what arrived
+meanwhile goes out with one call per socket (docs/internals.md).
+
 Miss path (the first packet of a flow, rare): a STUN binding request whose USERNAME carries
 a valid routing token creates the route; anything else is dropped and counted by reason.
 """
@@ -106,18 +112,33 @@ MSG_TRUNC = 0x20
 IOV_MAX = 1024  # iovecs per message (Linux UIO_MAXIOV); a bundle record takes three
 CACHE_LIMIT = 1 << 16  # local cache entries; cleared when exceeded so memory stays bounded
 TOUCH_INTERVAL_MS = 1000  # how stale a route's last-seen may get before a worker rewrites it
+# Per tick, not per wake-up (at a light load nearly every wake-up finds one datagram): the
+# counters flush into shared memory and the directory's generation word is checked.
+TICK_SECONDS = 0.005
+IDLE_POLL_SECONDS = 0.2  # the poll timeout with nothing left to flush
+# Interrupt coalescing (``coalesce_us``): a wake-up that read fewer than COALESCE_BELOW
+# datagrams is followed by a sleep of coalesce_us, while the last tick's rate says such a
+# sleep gathers COALESCE_MIN datagrams or more on average.
+COALESCE_BELOW = 8
+COALESCE_MIN = 2
+TIMER_SLACK_NS = 5_000  # the kernel's default (50 us) would stretch a 100 us sleep by half
+PR_SET_TIMERSLACK = 29
 
 _COUNTER = {name: i for i, name in enumerate(COUNTER_NAMES)}
 _NO_FAILURES: list[int] = []  # shared, never appended to: what a clean send returns
 _DROP = {name: i for i, name in enumerate(DROP_REASONS)}
 _V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
-_libc = ctypes.CDLL(None, use_errno=True)
+# The loop's two foreign calls. At a light load every wake-up makes one of each, so their
+# fixed cost counts as much as the kernel's: no argtypes (converting four arguments through
+# from_param costs more than the conversion ctypes does by itself for ints and c_void_p
+# objects: every pointer is passed as a prebuilt c_void_p), and PyDLL, which keeps the GIL
+# across the call instead of releasing and retaking it (both calls never block: the
+# sockets are non-blocking). Arguments: fd, c_void_p mmsghdr array, count, flags[, NULL].
+_libc = ctypes.PyDLL(None, use_errno=True)
 _recvmmsg = _libc.recvmmsg
-_recvmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int, ctypes.c_void_p]
 _recvmmsg.restype = ctypes.c_int
 _sendmmsg = _libc.sendmmsg
-_sendmmsg.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
 _sendmmsg.restype = ctypes.c_int
 
 
@@ -137,6 +158,7 @@ class WorkerSettings:
     batch_size: int = 32
     max_datagram: int = 1500
     bundle_max_bytes: int = 1472  # 0: one v1 datagram per packet to transceivers
+    coalesce_us: int = 100  # 0: never sleep to gather datagrams (engine/config.py)
     recv_buffer_bytes: int = 4 << 20
     send_buffer_bytes: int = 4 << 20
     pin_cpu: int | None = None
@@ -196,6 +218,12 @@ def sockaddr_for(host: str, port: int, socket_family: int) -> bytes:
         + socket.inet_pton(socket.AF_INET6, host)
         + b"\x00" * 4
     )
+
+
+def _set_timer_slack(nanoseconds: int) -> None:
+    """How late the kernel may end this process's sleeps (to batch timer wake-ups)."""
+    unused = ctypes.c_ulong(0)
+    ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(nanoseconds), unused, unused, unused)
 
 
 def _family_of(host: str) -> int:
@@ -478,7 +506,7 @@ class RelayWorker:
             self.internal_family == socket.AF_INET,
             self.public_family == socket.AF_INET,
             inbound.payload_offset // 8,
-            inbound.payload_size,
+            inbound.payload_size // 8,  # open() makes payload buffers 8-byte aligned
             self.settings.max_datagram,
             self.counters,
             self.drops,
@@ -585,27 +613,59 @@ class RelayWorker:
         poller.register(internal_fd, select.EPOLLIN)
         fleet_words, stats = self.fleet.words, self._stats_word
         fleet_words[stats + W_STATE] = WORKER_RUNNING
-        next_housekeeping = 0.0
+        self._refresh_directory()
+        next_tick = next_housekeeping = 0.0
+        timeout = IDLE_POLL_SECONDS
         poll, clock = poller.poll, time.time
         drain_public, drain_internal = self._drain_public, self._drain_internal
-        flush_counters = self._flush_counters
+        coalesce = s.coalesce_us / 1e6
+        if coalesce:
+            _set_timer_slack(TIMER_SLACK_NS)
+        counters, sleep = self.counters, time.sleep
+        pacing = False
+        seen = tick_seen = 0  # datagrams read (both sockets) at the last wake-up, last tick
+        last_tick = clock()
         try:
             while not self._stop:
+                # At most two events: maxevents sizes the array the call allocates.
+                events = poll(timeout, 2)
+                now = clock()
+                if events:
+                    now_ms = int(now * 1000)
+                    for fd, _ in events:
+                        if fd == public_fd:
+                            drain_public(now_ms)
+                        else:
+                            drain_internal(now_ms)
+                    if pacing:
+                        received = counters[0] + counters[2]  # rx_public + rx_internal
+                        if received - seen < COALESCE_BELOW:
+                            # A steady light load: let datagrams gather for a while, so the
+                            # next wake-up reads and sends several with one call each.
+                            sleep(coalesce)
+                        seen = received
+                    if now < next_tick:
+                        # What this wake-up counted is flushed at the next tick, or at the
+                        # next poll's timeout if the traffic stops before then.
+                        timeout = TICK_SECONDS
+                        continue
+                # Pace wake-ups while the recent rate fills a coalescing sleep with at
+                # least COALESCE_MIN datagrams on average; below that a sleep saves nothing.
+                received = counters[0] + counters[2]
+                pacing = coalesce > 0 and (received - tick_seen) * coalesce >= COALESCE_MIN * (
+                    now - last_tick
+                )
+                seen = tick_seen = received
+                last_tick = now
+                next_tick = now + TICK_SECONDS
+                timeout = IDLE_POLL_SECONDS
                 if fleet_words[H_GENERATION] != self._directory_generation:
                     self._refresh_directory()
-                events = poll(0.2)
-                now = clock()
-                now_ms = int(now * 1000)
-                for fd, _ in events:
-                    if fd == public_fd:
-                        drain_public(now_ms)
-                    else:
-                        drain_internal(now_ms)
                 if now >= next_housekeeping:
                     next_housekeeping = now + 0.5
-                    self._housekeeping(now_ms)
+                    self._housekeeping(int(now * 1000))
                 else:
-                    flush_counters()
+                    self._flush_counters()
         finally:
             poller.close()
             self._flush_counters()
@@ -665,7 +725,7 @@ class RelayWorker:
             prefix_words,
             bundle_words,
         ) = self._bundle_locals
-        vec, count = batch.vector, batch.count
+        vec, count, out_vec = batch.vector, batch.count, out.vector
         touch_before = now_ms - TOUCH_INTERVAL_MS
         while True:
             received = _recvmmsg(fd, vec, count, MSG_DONTWAIT, None)
@@ -746,7 +806,11 @@ class RelayWorker:
                 if bundling:
                     self._send_bundles(out_fd, sent)
                 else:
-                    self._send(out_fd, out, sent, 3)
+                    done = _sendmmsg(out_fd, out_vec, sent, 0)
+                    if done == sent:
+                        counters[3] += sent  # tx_internal
+                    else:
+                        self._send_rest(out_fd, out, sent, done, 3)
             if received < count:
                 return
 
@@ -777,7 +841,12 @@ class RelayWorker:
                 words[start + prefix_delta] = prefix_words[words[start + 5]]
                 bundled += 1
         self._open_bundles.clear()
-        failed = self._sendmmsg_all(fd, bundles.headers_address, count)
+        done = _sendmmsg(fd, bundles.vector, count, 0)
+        failed = (
+            _NO_FAILURES
+            if done == count
+            else self._sendmmsg_all(fd, bundles.headers_address, count, done)
+        )
         if failed:
             for m in failed:
                 records = (cursor[m] - region_start[m]) // 6
@@ -806,14 +875,13 @@ class RelayWorker:
             v4_internal,
             v4_public,
             payload_word,
-            payload_stride,
+            payload_stride_words,
             max_datagram,
             counters,
             drops,
         ) = self._internal_locals
-        vec, count = batch.vector, batch.count
+        vec, count, out_vec = batch.vector, batch.count, out.vector
         sources = self._transceiver_sources
-        aligned = payload_stride % 8 == 0
         while True:
             received = _recvmmsg(fd, vec, count, MSG_DONTWAIT, None)
             if received <= 0:
@@ -839,12 +907,8 @@ class RelayWorker:
                 if length < HEADER_SIZE:
                     drops[9] += 1  # internal_bad_header
                     continue
-                if aligned:
-                    p = payload_word + (i * payload_stride) // 8
-                    rkey = recv_words[p] | (recv_words[p + 1] << 64) | (recv_words[p + 2] << 128)
-                else:
-                    offset = batch.payload_offset + i * payload_stride
-                    rkey = int.from_bytes(batch.bytes[offset : offset + HEADER_SIZE], "little")
+                p = payload_word + i * payload_stride_words
+                rkey = recv_words[p] | (recv_words[p + 1] << 64) | (recv_words[p + 2] << 128)
                 entry = reverse_get(rkey)
                 if entry is None or table_words[entry[0]] != entry[1]:
                     entry = self._internal_miss(rkey, i)
@@ -870,18 +934,26 @@ class RelayWorker:
                 sent += 1
             counters[5] += bytes_out
             if sent:
-                self._send(out_fd, out, sent, 1)
+                done = _sendmmsg(out_fd, out_vec, sent, 0)
+                if done == sent:
+                    counters[1] += sent  # tx_public
+                else:
+                    self._send_rest(out_fd, out, sent, done, 1)
             if received < count:
                 return
 
-    def _send(self, fd: int, out: _Batch, count: int, counter: int) -> None:
-        """sendmmsg everything queued; a message the kernel refuses is counted and skipped."""
-        failed = self._sendmmsg_all(fd, out.headers_address, count)
+    def _send_rest(self, fd: int, out: _Batch, count: int, first: int, counter: int) -> None:
+        """Finish a sendmmsg whose first call returned ``first`` < ``count`` (rare).
+
+        A message the kernel refuses is counted as a drop and skipped.
+        """
+        failed = self._sendmmsg_all(fd, out.headers_address, count, first)
         self.drops[12] += len(failed)
         self.counters[counter] += count - len(failed)
 
-    def _sendmmsg_all(self, fd: int, base: int, count: int) -> list[int]:
-        """sendmmsg the ``count`` messages at ``base``; the indices of those the kernel refused.
+    def _sendmmsg_all(self, fd: int, base: int, count: int, first: int) -> list[int]:
+        """Go on sending the ``count`` messages at ``base`` after a first sendmmsg that
+        returned ``first`` (the loop makes that call itself); the indices the kernel refused.
 
         The sockets are non-blocking so a full send buffer cannot wedge the loop: on EAGAIN
         the worker waits briefly for room once, then drops what still does not fit.
@@ -889,24 +961,25 @@ class RelayWorker:
         done = 0
         failed = _NO_FAILURES
         waited = False
-        while done < count:
-            result = _sendmmsg(fd, base + done * MMSGHDR_SIZE, count - done, 0)
+        result = first
+        while True:
             if result > 0:
                 done += result
-                continue
-            err = ctypes.get_errno()
-            if err == errno.EINTR:
-                continue
-            if err in (errno.EAGAIN, errno.EWOULDBLOCK) and not waited:
-                waited = True
-                select.select([], [fd], [], 0.005)
-                continue
-            # The message at `done` failed (unreachable, no buffer room); skip it, go on.
-            if failed is _NO_FAILURES:
-                failed = []
-            failed.append(done)
-            done += 1
-        return failed
+            else:
+                err = ctypes.get_errno()
+                if err in (errno.EAGAIN, errno.EWOULDBLOCK) and not waited:
+                    waited = True
+                    select.select([], [fd], [], 0.005)
+                elif err != errno.EINTR:
+                    # The message at `done` failed (unreachable, no buffer room): skip it.
+                    if failed is _NO_FAILURES:
+                        failed = []
+                    failed.append(done)
+                    done += 1
+            if done >= count:
+                return failed
+            address = ctypes.c_void_p(base + done * MMSGHDR_SIZE)
+            result = _sendmmsg(fd, address, count - done, 0)
 
     # -- slow paths --------------------------------------------------------------------
     def _raw_name(self, batch: _Batch, i: int) -> bytes:
@@ -933,8 +1006,13 @@ class RelayWorker:
             self.drops[2] += 1
             return None
         if not self._transceiver_name[claim.transceiver_id]:
-            self.drops[4] += 1
-            return None
+            # The loop reads the directory once per tick: a transceiver added since then
+            # is known to the shared directory already.
+            if self.fleet.words[H_GENERATION] != self._directory_generation:
+                self._refresh_directory()
+            if not self._transceiver_name[claim.transceiver_id]:
+                self.drops[4] += 1
+                return None
         return claim.transceiver_id
 
     def _public_miss(self, key: int, i: int, length: int, now_ms: int) -> list | None:

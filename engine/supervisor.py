@@ -157,13 +157,17 @@ class Supervisor:
         if self.role == "up" and cfg.transceiver.count:
             from voxrelay.engine.transceiver_pool import TransceiverPool
 
-            self.transceivers = TransceiverPool(
-                cfg,
-                secrets=self._secrets,
-                candidate_address=relay.public_address,
-                candidate_port=self.public_port,
-                runtime_dir=self.runtime_dir,
-            )
+            try:
+                self.transceivers = TransceiverPool(
+                    cfg,
+                    secrets=self._secrets,
+                    candidate_address=relay.public_address,
+                    candidate_port=self.public_port,
+                    runtime_dir=self.runtime_dir,
+                )
+            except OSError as exc:
+                self.close()
+                raise SupervisorError(str(exc.strerror)) from exc
             self.signaling_url = self.transceivers.signaling_url
         self._setup_registry()
         self._refresh_directory(force=True)
@@ -244,6 +248,7 @@ class Supervisor:
             batch_size=relay.batch_size,
             max_datagram=relay.max_datagram,
             bundle_max_bytes=relay.bundle_max_bytes,
+            coalesce_us=relay.coalesce_us,
             recv_buffer_bytes=relay.recv_buffer_bytes,
             send_buffer_bytes=relay.send_buffer_bytes,
             pin_cpu=worker.pin_cpu,

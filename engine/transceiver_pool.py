@@ -65,9 +65,24 @@ class TransceiverPool:
         self.candidate_port = candidate_port
         self.runtime_dir = runtime_dir
         local = config.transceiver
-        self.signaling_port = local.signaling_port or free_port(
-            local.signaling_bind, socket.SOCK_STREAM
-        )
+        # Hold the signaling port with a bound, never-listening SO_REUSEPORT socket for
+        # the pool's life: the transceivers (SO_REUSEPORT too) can bind it at any time,
+        # even after a restart, while nothing else can take it in between, not even an
+        # outgoing connection's ephemeral port. Not listening, it is never handed a
+        # connection.
+        family = socket.AF_INET6 if ":" in local.signaling_bind else socket.AF_INET
+        self._signaling_holder = socket.socket(family, socket.SOCK_STREAM)
+        self._signaling_holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            self._signaling_holder.bind((local.signaling_bind, local.signaling_port))
+        except OSError as exc:
+            self._signaling_holder.close()
+            raise OSError(
+                exc.errno,
+                f"cannot bind the signaling port {local.signaling_bind}:{local.signaling_port}: "
+                f"{exc.strerror}",
+            ) from exc
+        self.signaling_port = self._signaling_holder.getsockname()[1]
         self.processes = [
             TransceiverProcess(
                 transceiver_id=transceiver_id,
@@ -185,6 +200,7 @@ class TransceiverPool:
 
     def stop(self, timeout: float) -> None:
         """SIGTERM every transceiver (they close their calls politely), then wait."""
+        self._signaling_holder.close()
         for entry in self.processes:
             if entry.process is not None and entry.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -313,13 +329,16 @@ class TransceiverHost:
                 f"a fleet named {cfg.fleet.name!r} is already running "
                 f"(runtime dir {self.runtime_dir}); stop it with `voxrelay down`"
             )
-        self.pool = TransceiverPool(
-            cfg,
-            secrets=resolve_secrets(cfg),
-            candidate_address=cfg.relay.public_address,
-            candidate_port=cfg.relay.port,
-            runtime_dir=self.runtime_dir,
-        )
+        try:
+            self.pool = TransceiverPool(
+                cfg,
+                secrets=resolve_secrets(cfg),
+                candidate_address=cfg.relay.public_address,
+                candidate_port=cfg.relay.port,
+                runtime_dir=self.runtime_dir,
+            )
+        except OSError as exc:
+            raise SupervisorError(str(exc.strerror)) from exc
         self.pool.start()
         self._start_http()
         self._write_state()

@@ -197,6 +197,7 @@ def test_empty_file_gives_a_one_machine_fleet() -> None:
     assert relay.recv_buffer_bytes == relay.send_buffer_bytes == 4 * 1024 * 1024
     assert (relay.batch_size, relay.max_datagram, relay.pin_cpus) == (32, 1500, False)
     assert relay.bundle_max_bytes == 1472  # a 1500-byte MTU less the IPv4 and UDP headers
+    assert relay.coalesce_us == 100
     assert relay.drain_seconds == 5.0
     assert 0 < relay.restart_backoff_initial <= relay.restart_backoff_max
     assert config.transceivers.static == ()
@@ -293,6 +294,11 @@ def test_pin_cpus_is_a_bool_or_cpu_ids(value: str, expected: bool | tuple[int, .
 @pytest.mark.parametrize("value", [0, 576, 1472, 8972, 65507])
 def test_bundle_max_bytes_is_off_or_a_datagram_size(value: int) -> None:
     assert parse(f"[relay]\nbundle_max_bytes = {value}").relay.bundle_max_bytes == value
+
+
+@pytest.mark.parametrize("value", [0, 1, 100, 200])
+def test_coalesce_us_is_off_or_a_short_sleep(value: int) -> None:
+    assert parse(f"[relay]\ncoalesce_us = {value}").relay.coalesce_us == value
 
 
 @pytest.mark.parametrize("level", ["DEBUG", "Warning", "error"])
@@ -427,6 +433,9 @@ ERROR_CASES = [
         "relay.max_datagram: expected an integer in 576..65535, got 575",
     ),
     ("[relay]\nworkers = 0", "relay.workers: expected an integer in 1..1024, got 0"),
+    ("[relay]\ncoalesce_us = 201", "relay.coalesce_us: expected an integer in 0..200, got 201"),
+    ("[relay]\ncoalesce_us = -1", "relay.coalesce_us: expected an integer in 0..200, got -1"),
+    ("[relay]\ncoalesce_us = 0.5", "relay.coalesce_us: expected an integer in 0..200, got 0.5"),
     *(
         (
             f"[relay]\nbundle_max_bytes = {value}",
@@ -1184,6 +1193,7 @@ PLAUSIBLE: dict[str, st.SearchStrategy[object]] = {
     "batch_size": st.integers(0, 2048),
     "max_datagram": st.integers(500, 70_000),
     "bundle_max_bytes": st.one_of(st.just(0), st.integers(-1, 70_000)),
+    "coalesce_us": st.integers(-1, 300),
     "pin_cpus": st.one_of(st.booleans(), st.lists(st.integers(-1, 4096), max_size=4)),
     "signaling_token": st.text(min_size=10, max_size=30),
     "url": st.sampled_from(
