@@ -380,6 +380,13 @@ from voxrelay.bench.latency_probe import latency_command  # noqa: E402 (imports 
 
 bench.add_command(latency_command, "latency")
 
+try:
+    from voxrelay.bench.sessions_bench import sessions_command
+
+    bench.add_command(sessions_command, "sessions")
+except ImportError:  # needs aiortc (the baseline), which the bench and test extras install
+    pass
+
 
 def main() -> None:
     cli()
