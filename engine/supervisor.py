@@ -480,7 +480,9 @@ class Supervisor:
             workers.append(
                 {
                     "index": worker.index,
-                    "pid": stats.pid if alive else None,
+                    # The pid we spawned: known at once, before the worker has written its
+                    # stats block.
+                    "pid": worker.process.pid if alive else None,
                     "alive": alive,
                     "state": stats.state if alive else "restarting",
                     "internal_port": worker.internal_port,
