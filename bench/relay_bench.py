@@ -35,27 +35,31 @@ counts packets, not internal datagrams. The naive forwarder stays one sendto per
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
 import os
-import platform
 import secrets
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 import click
-import psutil
 
+from voxrelay.bench.common import (
+    BenchError,
+    CliFleet,
+    cpu_seconds,
+    fmt,
+    ratio_of,
+    report_header,
+    run_reporting_errors,
+    terminate_as_interrupt,
+)
 from voxrelay.bench.loadgen import (
     MAX_DATAGRAM,
     MIN_DATAGRAM,
@@ -77,10 +81,6 @@ FORWARDED = ("tx_internal", "tx_public")
 FORWARDER_COUNTERS = ("rx_public", "tx_internal", "rx_internal", "tx_public")
 DEFAULT_BUNDLE_MAX_BYTES = 1472  # the relay's default (engine/config.py)
 MIN_BUNDLE_MAX_BYTES, MAX_BUNDLE_MAX_BYTES = 576, 65507
-
-
-class BenchError(Exception):
-    """The benchmark cannot run or lost a process mid-run; the message says which."""
 
 
 # -- settings and CPU placement -------------------------------------------------------------
@@ -154,7 +154,7 @@ class Forwarder(Protocol):
     def close(self) -> None: ...
 
 
-class VoxrelayFleet:
+class VoxrelayFleet(CliFleet):
     """A real fleet, started and stopped through the CLI like an operator would."""
 
     name = "voxrelay"
@@ -162,20 +162,13 @@ class VoxrelayFleet:
     def __init__(
         self, workdir: Path, transceiver: tuple[str, int], settings: BenchSettings
     ) -> None:
+        super().__init__(workdir)
         self.secret = secrets.token_bytes(32)
-        self.config_path = workdir / "fleet.toml"
-        self.runtime_dir = workdir / "run"
         self.state: dict[str, Any] = {}
         self._pids: list[int] = []
         pins = settings.placement.forwarder_cpus
         lines = [
-            "[fleet]",
-            f'name = "bench{secrets.token_hex(4)}"',
-            f"cluster_id = {CLUSTER_ID}",
-            f"runtime_dir = {json.dumps(str(self.runtime_dir))}",  # a JSON string is TOML
-            'log_level = "warning"',
-            "[secrets]",
-            f'token_secrets = ["hex:{self.secret.hex()}"]',
+            *self.identity_lines(f"bench{secrets.token_hex(4)}", CLUSTER_ID, self.secret),
             "[relay]",
             'bind = "127.0.0.1"',
             "port = 0",
@@ -196,32 +189,12 @@ class VoxrelayFleet:
             f"id = {TRANSCEIVER_ID}",
             f'address = "{transceiver[0]}:{transceiver[1]}"',
         ]
-        self.config_path.write_text("\n".join(lines) + "\n")
-
-    def _cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        command = ["voxrelay", *args, "--config", str(self.config_path)]
-        try:
-            return subprocess.run(
-                [sys.executable, "-m", *command],
-                capture_output=True,
-                text=True,
-                timeout=timeout,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired:
-            raise BenchError(
-                f"`{' '.join(command)}` did not finish within {timeout:g} s\n{self.log_tail()}"
-            ) from None
+        self.write_config(lines)
 
     def start(self, timeout: float = 30.0) -> None:
         from voxrelay.engine.supervisor import read_state
 
-        result = self._cli("up", "--detach", timeout=timeout + 10)
-        if result.returncode != 0:
-            raise BenchError(
-                f"`voxrelay up --detach` failed ({result.returncode}): "
-                f"{(result.stderr or result.stdout).strip()}\n{self.log_tail()}"
-            )
+        self.up(timeout=timeout + 10)
         self.state = read_state(self.runtime_dir) or {}
         if not self.state.get("control_url"):
             raise BenchError(f"the fleet started without a status endpoint\n{self.log_tail()}")
@@ -266,15 +239,6 @@ class VoxrelayFleet:
             totals["bundles_out"] += worker["counters"]["bundles_out"]
         return totals
 
-    @property
-    def log_path(self) -> Path:
-        return self.runtime_dir / "voxrelay.log"
-
-    def log_tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
     def close(self) -> None:
         """`voxrelay down --now`; kill whatever is left if the CLI could not stop it."""
         from voxrelay.engine.supervisor import read_state
@@ -282,16 +246,7 @@ class VoxrelayFleet:
         state = self.state or read_state(self.runtime_dir)  # `up` may have failed half way
         if not state:
             return
-        with contextlib.suppress(BenchError, OSError):
-            self._cli("down", "--now", "--timeout", "10", timeout=20)
-        for pid in [int(state.get("pid", 0)), *self._pids]:
-            if pid <= 0:
-                continue
-            with contextlib.suppress(psutil.Error):
-                process = psutil.Process(pid)
-                if "voxrelay" in " ".join(process.cmdline()):  # still ours, not a reused pid
-                    process.kill()
-                    process.wait(3)
+        self.down([int(state.get("pid", 0)), *self._pids])
         self.state = {}
 
     @property
@@ -355,18 +310,6 @@ class NaiveFleet:
 # -- measuring ------------------------------------------------------------------------------------
 
 
-def cpu_seconds(pids: Sequence[int]) -> float:
-    """User + system CPU time of these processes, as the kernel accounts it."""
-    total = 0.0
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.Error as exc:
-            raise BenchError(f"cannot read the CPU time of forwarder pid {pid}: {exc}") from exc
-        total += times.user + times.system
-    return total
-
-
 @dataclass
 class Snapshot:
     """Forwarder CPU seconds, forwarder counters and sink counters at one instant (or a delta)."""
@@ -379,7 +322,7 @@ class Snapshot:
     def take(cls, forwarder: Forwarder | None, sink: SinkProcess) -> Snapshot:
         if forwarder is None:
             return cls(0.0, {}, sink.read())
-        return cls(cpu_seconds(forwarder.pids()), forwarder.counters(), sink.read())
+        return cls(cpu_seconds(forwarder.pids(), "forwarder"), forwarder.counters(), sink.read())
 
     def since(self, before: Snapshot) -> Snapshot:
         return Snapshot(
@@ -498,7 +441,7 @@ class Progress:
 def _describe_flat(name: str, result: dict[str, Any]) -> str:
     return (
         f"{name} flat out: {result['forwarded_pps']:,.0f} pkt/s at the sink, "
-        f"{_fmt(result['cpu_us_per_packet'], '.2f')} µs CPU/pkt "
+        f"{fmt(result['cpu_us_per_packet'], '.2f')} µs CPU/pkt "
         f"(offered {result['offered_pps']:,.0f} pkt/s)"
     )
 
@@ -508,7 +451,7 @@ def _describe_rate(name: str, result: dict[str, Any]) -> str:
     return (
         f"{name} at {result['rate_pps']:,.0f} pkt/s: RTT p50 {rtt['p50']:.0f} µs p99 "
         f"{rtt['p99']:.0f} µs (direct {direct['p50']:.0f} / {direct['p99']:.0f} µs), "
-        f"{_fmt(result['cpu_us_per_packet'], '.2f')} µs CPU/pkt, loss {result['loss']:.2%}"
+        f"{fmt(result['cpu_us_per_packet'], '.2f')} µs CPU/pkt, loss {result['loss']:.2%}"
     )
 
 
@@ -556,17 +499,11 @@ def _median_tree(items: Sequence[Any]) -> Any:
     return first
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if numerator is None or not denominator:
-        return None
-    return numerator / denominator
-
-
 def ratios(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """voxrelay / naive per round (rounds pair the two under the same conditions), median."""
 
     def median_ratio(phase: str, metric: str) -> float | None:
-        values = [_ratio(r["voxrelay"][phase][metric], r["naive"][phase][metric]) for r in rounds]
+        values = [ratio_of(r["voxrelay"][phase][metric], r["naive"][phase][metric]) for r in rounds]
         values = [v for v in values if v is not None]
         return statistics.median(values) if values else None
 
@@ -595,8 +532,6 @@ class Report:
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        from voxrelay import __version__
-
         summary = {
             name: _median_tree([r[name] for r in self.rounds]) for name in ("voxrelay", "naive")
         }
@@ -608,17 +543,7 @@ class Report:
             }
         }
         return {
-            "benchmark": "voxrelay bench relay",
-            "schema_version": 1,
-            "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-            "voxrelay_version": __version__,
-            "machine": {
-                "cpus": os.cpu_count(),
-                "usable_cpus": len(os.sched_getaffinity(0)),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "load_average": list(os.getloadavg()),
-            },
+            **report_header("voxrelay bench relay"),
             "settings": self.settings.as_dict(),
             "summary": summary,
             "ratios": ratios(self.rounds),
@@ -639,10 +564,6 @@ class Report:
                 "sink counts records inside bundles); bundles_out counts bundle datagrams.",
             ],
         }
-
-
-def _fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def render_table(data: dict[str, Any]) -> str:
@@ -672,17 +593,17 @@ def render_table(data: dict[str, Any]) -> str:
         row("", "voxrelay", "naive", "ratio", "target"),
         row(
             "CPU µs/packet, flat out",
-            _fmt(vox["flat_out"]["cpu_us_per_packet"], ".2f"),
-            _fmt(naive["flat_out"]["cpu_us_per_packet"], ".2f"),
-            _fmt(flat_r["voxrelay_over_naive"], ".2f") + "x",
+            fmt(vox["flat_out"]["cpu_us_per_packet"], ".2f"),
+            fmt(naive["flat_out"]["cpu_us_per_packet"], ".2f"),
+            fmt(flat_r["voxrelay_over_naive"], ".2f") + "x",
             f"<={TARGET_FLAT_OUT:.2f}x",
             verdict(flat_r),
         ),
         row(
             f"CPU µs/packet, {rate}",
-            _fmt(vox["fixed_rate"]["cpu_us_per_packet"], ".2f"),
-            _fmt(naive["fixed_rate"]["cpu_us_per_packet"], ".2f"),
-            _fmt(fixed_r["voxrelay_over_naive"], ".2f") + "x",
+            fmt(vox["fixed_rate"]["cpu_us_per_packet"], ".2f"),
+            fmt(naive["fixed_rate"]["cpu_us_per_packet"], ".2f"),
+            fmt(fixed_r["voxrelay_over_naive"], ".2f") + "x",
             f"<={TARGET_FIXED_RATE:.2f}x",
             verdict(fixed_r),
         ),
@@ -690,7 +611,7 @@ def render_table(data: dict[str, Any]) -> str:
             "forwarded pkt/s, flat out",
             f"{vox['flat_out']['forwarded_pps']:,.0f}",
             f"{naive['flat_out']['forwarded_pps']:,.0f}",
-            _fmt(pps_r, ".2f") + "x",
+            fmt(pps_r, ".2f") + "x",
         ),
         row(
             "forwarder CPU share, flat out",
@@ -699,8 +620,8 @@ def render_table(data: dict[str, Any]) -> str:
         ),
         row(
             "loss, flat out (offered > capacity)",
-            _fmt(vox["flat_out"]["loss"], ".1%"),
-            _fmt(naive["flat_out"]["loss"], ".1%"),
+            fmt(vox["flat_out"]["loss"], ".1%"),
+            fmt(naive["flat_out"]["loss"], ".1%"),
         ),
         row(
             f"RTT p50 / p99 µs, {rate}",
@@ -715,14 +636,14 @@ def render_table(data: dict[str, Any]) -> str:
         ),
         row(
             f"loss, {rate}",
-            _fmt(vox["fixed_rate"]["loss"], ".2%"),
-            _fmt(naive["fixed_rate"]["loss"], ".2%"),
+            fmt(vox["fixed_rate"]["loss"], ".2%"),
+            fmt(naive["fixed_rate"]["loss"], ".2%"),
         ),
     ]
     generator = vox["flat_out"]["generator"]
     lines.append(
         f"generator, flat out: {vox['flat_out']['offered_pps']:,.0f} pkt/s offered at "
-        f"{_fmt(generator['cpu_us_per_packet'], '.2f')} µs CPU/pkt "
+        f"{fmt(generator['cpu_us_per_packet'], '.2f')} µs CPU/pkt "
         f"(sendmmsg, UDP GSO x{generator['gso_segments']:.0f})"
     )
     return "\n".join(lines)
@@ -816,25 +737,11 @@ def plot_report(data: dict[str, Any], path: Path) -> Path:
     return save_figure(figure, path)
 
 
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """SIGTERM unwinds like Ctrl-C, so every process gets cleaned up by the finally blocks."""
-
-    def interrupt(signum: int, frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def run_benchmark(settings: BenchSettings, out: Path) -> dict[str, Any]:
     """Start everything, run the rounds, write relay.json and relay.png; returns the data."""
     progress = Progress(total=settings.repeat * 4)
     report = Report(settings)
-    with contextlib.ExitStack() as stack, _terminate_as_interrupt():
+    with contextlib.ExitStack() as stack, terminate_as_interrupt():
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="voxrelay-bench-")))
         sink = SinkProcess(workdir, settings.placement.load_cpus, settings.sink_max_datagram)
         stack.callback(sink.close)
@@ -960,12 +867,8 @@ def relay_bench_command(
         bundle_max_bytes=bundle_max_bytes,
     )
     out = Path(out_dir)
-    try:
-        data = run_benchmark(settings, out)
-    except (BenchError, LoadgenError, PlotError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted; all benchmark processes stopped", err=True)
-        sys.exit(130)
+    data = run_reporting_errors(
+        lambda: run_benchmark(settings, out), (BenchError, LoadgenError, PlotError)
+    )
     click.echo(render_table(data))
     click.echo(f"wrote {out / 'relay.json'} and {out / 'relay.png'}")

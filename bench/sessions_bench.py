@@ -36,18 +36,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime
 import json
 import os
-import platform
-import secrets
-import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -58,14 +53,25 @@ import click
 import psutil
 
 from voxrelay.bench.callers import histogram_percentile
+from voxrelay.bench.common import (
+    BenchError,
+    call_timeout_option,
+    fmt,
+    ratio_of,
+    report_header,
+    run_reporting_errors,
+    temporary_fleet_options,
+    terminate_as_interrupt,
+)
 from voxrelay.bench.plot import PlotError, colour_for, grouped_bars, pyplot, save_figure
-from voxrelay.bench.relay_bench import BenchError, _terminate_as_interrupt
 from voxrelay.bench.setup_bench import (
     AiortcEchoApp,
     AiortcEchoProcess,
     TemporaryFleet,
+    fetch_status,
     interruptible,
     percentile,
+    serve_echo_app,
     voxrelay_server,
 )
 
@@ -351,17 +357,7 @@ class AiortcServerProcess(AiortcEchoProcess):
 
     def __init__(self, kind: str, timeout: float = 30.0) -> None:
         self.kind = kind
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "voxrelay.bench.sessions_bench", "aiortc-server", kind],
-            stdin=subprocess.PIPE,  # closed when we go: the server stops at end of input
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        try:
-            self.info = self._read_ready(timeout)
-        except BaseException:
-            self.close()
-            raise
+        self._spawn(["voxrelay.bench.sessions_bench", "aiortc-server", kind], timeout)
 
 
 def voxrelay_system(status: dict[str, Any], source: str, mode: str, bearer: str | None) -> System:
@@ -416,35 +412,13 @@ def aiortc_system(process: AiortcServerProcess, mode: str) -> System:
 class TranscodingEchoApp(AiortcEchoApp):
     """Stock aiortc echo: the caller's track, decoded, is what the server sends (re-encoded)."""
 
-    async def post_offer(self, request: Any) -> Any:
-        from aiohttp import web
-        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+    offer_errors = (ValueError, AttributeError, IndexError)
 
-        offer = await request.text()
-        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
-        call_id = secrets.token_hex(8)
-        try:
-            await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
-            receiver = pc.getTransceivers()[0].receiver
-            pc.addTrack(receiver.track)
-            await pc.setLocalDescription(await pc.createAnswer())
-        except (ValueError, AttributeError, IndexError) as exc:
-            await pc.close()
-            return web.Response(status=400, text=f"cannot accept this offer: {exc}")
+    def add_echo_track(self, pc: Any) -> None:
+        pc.addTrack(pc.getTransceivers()[0].receiver.track)
 
-        @pc.on("connectionstatechange")
-        async def _state() -> None:
-            if pc.connectionState in ("failed", "closed"):
-                await self._end(call_id)
-
-        self.calls[call_id] = pc
-        self.calls_started += 1
-        return web.Response(
-            status=201,
-            text=pc.localDescription.sdp,
-            content_type="application/sdp",
-            headers={"Location": f"/whip/{call_id}"},
-        )
+    def start_echo(self, pc: Any, echo: Any) -> None:
+        """Nothing to start: aiortc's receiver feeds the track it sends."""
 
 
 def serve_aiortc(kind: str, host: str = "127.0.0.1") -> None:
@@ -454,36 +428,14 @@ def serve_aiortc(kind: str, host: str = "127.0.0.1") -> None:
     only, so no benchmark traffic goes to the machine's LAN address.
     """
     import aioice.ice
-    from aiohttp import web
 
     def loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
         return ["127.0.0.1"] if use_ipv4 else []
 
     aioice.ice.get_host_addresses = loopback_only
-
-    async def main() -> None:
-        echo = TranscodingEchoApp() if kind == "transcoding" else AiortcEchoApp()
-        runner = web.AppRunner(echo.app(), access_log=None)
-        await runner.setup()
-        await web.TCPSite(runner, host, 0, backlog=1024).start()
-        port = runner.addresses[0][1]
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, lambda: None)  # the benchmark decides
-
-        def wait_for_end_of_input() -> None:
-            sys.stdin.read()
-            loop.call_soon_threadsafe(stop.set)
-
-        threading.Thread(target=wait_for_end_of_input, daemon=True).start()
-        print(json.dumps({"whip_url": f"http://{host}:{port}/whip", "pid": os.getpid()}))
-        sys.stdout.flush()
-        await stop.wait()
-        await echo.close()
-        await runner.cleanup()
-
-    asyncio.run(main())
+    serve_echo_app(
+        TranscodingEchoApp if kind == "transcoding" else AiortcEchoApp, host, backlog=1024
+    )
 
 
 # -- the caller processes -------------------------------------------------------------------
@@ -957,7 +909,7 @@ class Series:
             rtt_text += f"{rtt['p99']:.2f} ms"
         return (
             f"{self.system.name} {step['calls']} calls ({step['live']} up): {rtt_text}, "
-            f"loss {_fmt(step['loss'], '.3%')}, server {_fmt(step['server_cores'], '.2f')} "
+            f"loss {fmt(step['loss'], '.3%')}, server {fmt(step['server_cores'], '.2f')} "
             f"cores, callers {step['callers']['cores']:.2f} cores"
             + ("" if step["accepted"] else "  [over the limits]")
         )
@@ -987,7 +939,7 @@ class Series:
             too_many_failed = step["failed_calls"] > SATURATED_FAILURES * max(1, len(records))
             if too_lossy or too_many_failed:
                 self.stopped = (
-                    f"stopped after {calls} calls: saturated (loss {_fmt(step['loss'], '.1%')}, "
+                    f"stopped after {calls} calls: saturated (loss {fmt(step['loss'], '.1%')}, "
                     f"{step['failed_calls']} of {len(records)} new calls failed)"
                 )
                 self.progress.note(f"{self.system.name}: {self.stopped}")
@@ -1160,10 +1112,6 @@ class Series:
 # -- comparisons ----------------------------------------------------------------------------
 
 
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return None if numerator is None or not denominator else numerator / denominator
-
-
 def kept_up_with(step: dict[str, Any]) -> bool:
     """Every call up, loss under a fifth of the saturation level, and no process of the
     server busy for SATURATED_PROCESS_CORES of a core (it would be queueing work)."""
@@ -1213,11 +1161,11 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any], mode: str) -> dict[str
     like = ours["system"]["like_for_like_group"]
     mine_like = mine["millicores_per_call"].get(like) if like else None
     base_server = base["server_millicores_per_call"]
-    cpu_like = _ratio(base_server, mine_like)
-    cpu_total = _ratio(base_server, mine["server_millicores_per_call"])
+    cpu_like = ratio_of(base_server, mine_like)
+    cpu_total = ratio_of(base_server, mine["server_millicores_per_call"])
     with_backend = None
     if "backend" in mine["millicores_per_call"] and mine_like is not None:
-        with_backend = _ratio(
+        with_backend = ratio_of(
             base_server, mine_like + (mine["millicores_per_call"]["backend"] or 0)
         )
     ours_marginal, theirs_marginal = (
@@ -1225,11 +1173,11 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any], mode: str) -> dict[str
         theirs["marginal_millicores_per_call"],
     )
     base_marginal = theirs_marginal.get("all")
-    memory_like = _ratio(
+    memory_like = ratio_of(
         ours["memory"]["like_for_like_kib_per_call_slope"],
         theirs["memory"]["like_for_like_kib_per_call_slope"],
     )
-    memory_total = _ratio(
+    memory_total = ratio_of(
         ours["memory"]["kib_per_call_slope"], theirs["memory"]["kib_per_call_slope"]
     )
     result.update(
@@ -1257,9 +1205,9 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any], mode: str) -> dict[str
                 "voxrelay_all_processes": ours_marginal.get("all"),
                 "baseline": base_marginal,
                 "ratio_transceiver": _round(
-                    _ratio(base_marginal, ours_marginal.get(like) if like else None), 2
+                    ratio_of(base_marginal, ours_marginal.get(like) if like else None), 2
                 ),
-                "ratio_all_processes": _round(_ratio(base_marginal, ours_marginal.get("all")), 2),
+                "ratio_all_processes": _round(ratio_of(base_marginal, ours_marginal.get("all")), 2),
             },
             "memory_per_call_kib": {
                 "voxrelay_transceiver": ours["memory"]["like_for_like_kib_per_call_slope"],
@@ -1298,7 +1246,6 @@ def cost(series: dict[str, Any], vcpu_hour_usd: float) -> dict[str, Any] | None:
 def build_report(
     settings: SessionsSettings, results: dict[str, dict[str, Any]], caller_pids: list[int]
 ) -> dict[str, Any]:
-    from voxrelay import __version__
 
     comparisons = []
     for mode in settings.modes:
@@ -1314,17 +1261,7 @@ def build_report(
         (max(s["callers"]["cores_per_process"], default=0) for s in all_steps), default=0
     )
     return {
-        "benchmark": "voxrelay bench sessions",
-        "schema_version": 1,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "voxrelay_version": __version__,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average": list(os.getloadavg()),
-        },
+        **report_header("voxrelay bench sessions"),
         "settings": settings.as_dict(),
         "servers": results,
         "comparisons": comparisons,
@@ -1362,10 +1299,6 @@ def build_report(
 # -- rendering ------------------------------------------------------------------------------
 
 
-def _fmt(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _transcodes(flag: bool) -> str:
     return "transcodes" if flag else "passes through (no transcoding)"
 
@@ -1396,15 +1329,15 @@ def render_table(data: dict[str, Any]) -> str:
         for step in sorted(result["steps"] + result["search"], key=lambda x: x["calls"]):
             rtt = step["rtt_ms"] or {}
             lines.append(
-                f"{name:<14}{step['calls']:>6}{step['live']:>6}{_fmt(rtt.get('p50'), '.2f'):>9}"
-                f"{_fmt(rtt.get('p99'), '.2f'):>8}{_fmt(step['loss'], '.2%'):>8}"
-                f"{step['reordered']:>6}{_fmt(step['server_cores'], '.2f'):>8}"
-                f"{_fmt(step['contention']['server_wait_cores'], '.2f'):>6}"
-                f"{_fmt(step['server_millicores_per_call'], '.2f'):>8}"
-                f"{_fmt(step['millicores_per_call'].get(like) if like else None, '.2f'):>7}"
-                f"{_fmt(step['rss_kib_per_call'].get(like) if like else None, '.0f'):>9}"
+                f"{name:<14}{step['calls']:>6}{step['live']:>6}{fmt(rtt.get('p50'), '.2f'):>9}"
+                f"{fmt(rtt.get('p99'), '.2f'):>8}{fmt(step['loss'], '.2%'):>8}"
+                f"{step['reordered']:>6}{fmt(step['server_cores'], '.2f'):>8}"
+                f"{fmt(step['contention']['server_wait_cores'], '.2f'):>6}"
+                f"{fmt(step['server_millicores_per_call'], '.2f'):>8}"
+                f"{fmt(step['millicores_per_call'].get(like) if like else None, '.2f'):>7}"
+                f"{fmt(step['rss_kib_per_call'].get(like) if like else None, '.0f'):>9}"
                 f"{step['callers']['cores']:>8.2f}"
-                f"{_fmt(step['callers']['share_of_all_cpu'], '.0%'):>6}"
+                f"{fmt(step['callers']['share_of_all_cpu'], '.0%'):>6}"
                 f"  {'yes' if step['accepted'] else 'no'}"
             )
         if result["stopped"]:
@@ -1419,8 +1352,8 @@ def render_table(data: dict[str, Any]) -> str:
             for milestone in ("connected", "first_echo"):
                 m = summary["milestones_ms"][milestone]
                 parts.append(
-                    f"{MILESTONE_LABELS[milestone]} {_fmt(m['p50'])} / {_fmt(m['p95'])} / "
-                    f"{_fmt(m['p99'])}"
+                    f"{MILESTONE_LABELS[milestone]} {fmt(m['p50'])} / {fmt(m['p95'])} / "
+                    f"{fmt(m['p99'])}"
                 )
             lines.append(
                 f"  {name:<14}{phase:<6}{'; '.join(parts)}  ({summary['ok']}/{summary['calls']})"
@@ -1433,8 +1366,8 @@ def render_table(data: dict[str, Any]) -> str:
         if capacity:
             cap_text = (
                 f"{'' if capacity['bounded'] else '>= '}{capacity['calls']} calls, "
-                f"{_fmt(capacity['calls_per_server_core'], '.0f')} calls per core used "
-                f"({_fmt(capacity['server_cores_used'], '.2f')} cores)"
+                f"{fmt(capacity['calls_per_server_core'], '.0f')} calls per core used "
+                f"({fmt(capacity['server_cores_used'], '.2f')} cores)"
             )
         cost_text = ""
         if money:
@@ -1460,31 +1393,31 @@ def render_table(data: dict[str, Any]) -> str:
                 else "; NOT KEPT UP at any common count (loss or failed calls): a saturated "
                 "server's CPU per call is capped, so its ratio is a lower bound"
             ),
-            f"  CPU per call, millicores: transceiver {_fmt(mc['voxrelay_transceiver'], '.2f')}, "
-            f"all voxrelay processes {_fmt(mc['voxrelay_all_processes'], '.2f')}, aiortc "
-            f"{_fmt(mc['baseline'], '.2f')}",
+            f"  CPU per call, millicores: transceiver {fmt(mc['voxrelay_transceiver'], '.2f')}, "
+            f"all voxrelay processes {fmt(mc['voxrelay_all_processes'], '.2f')}, aiortc "
+            f"{fmt(mc['baseline'], '.2f')}",
             f"  marginal (slope over the steps): transceiver "
-            f"{_fmt(marginal['voxrelay_transceiver'], '.2f')}, all "
-            f"{_fmt(marginal['voxrelay_all_processes'], '.2f')}, aiortc "
-            f"{_fmt(marginal['baseline'], '.2f')}",
-            f"  aiortc / voxrelay: transceiver {_fmt(cpu['transceiver'], '.1f')}x "
+            f"{fmt(marginal['voxrelay_transceiver'], '.2f')}, all "
+            f"{fmt(marginal['voxrelay_all_processes'], '.2f')}, aiortc "
+            f"{fmt(marginal['baseline'], '.2f')}",
+            f"  aiortc / voxrelay: transceiver {fmt(cpu['transceiver'], '.1f')}x "
             f"(target >= {cpu['target_at_least']:g}x {_verdict(cpu['pass'])}), all processes "
-            f"{_fmt(cpu['all_processes'], '.1f')}x {_verdict(cpu['pass_all_processes'])}"
+            f"{fmt(cpu['all_processes'], '.1f')}x {_verdict(cpu['pass_all_processes'])}"
             + (
-                f", transceiver + backend {_fmt(cpu['transceiver_and_backend'], '.1f')}x"
+                f", transceiver + backend {fmt(cpu['transceiver_and_backend'], '.1f')}x"
                 if cpu["transceiver_and_backend"] is not None
                 else ""
             ),
-            f"  memory per call, KiB: transceiver {_fmt(memory['voxrelay_transceiver'], '.0f')}, "
-            f"aiortc {_fmt(memory['baseline'], '.0f')}; ratio "
-            f"{_fmt(memory['ratio_transceiver'], '.2f')} (target <= "
+            f"  memory per call, KiB: transceiver {fmt(memory['voxrelay_transceiver'], '.0f')}, "
+            f"aiortc {fmt(memory['baseline'], '.0f')}; ratio "
+            f"{fmt(memory['ratio_transceiver'], '.2f')} (target <= "
             f"{memory['target_at_most']:g} {_verdict(memory['pass'])})",
         ]
     callers = data["callers"]
     lines += [
         "",
-        f"callers: at most {_fmt(callers['max_share_of_all_cpu'], '.0%')} of all CPU "
-        f"(median {_fmt(callers['median_share_of_all_cpu'], '.0%')}), busiest caller process "
+        f"callers: at most {fmt(callers['max_share_of_all_cpu'], '.0%')} of all CPU "
+        f"(median {fmt(callers['median_share_of_all_cpu'], '.0%')}), busiest caller process "
         f"{callers['busiest_process_cores']:.2f} cores",
         "wait: cores' worth of time the server's processes were runnable but waiting for a CPU "
         "(other work on the machine, or the callers); high values inflate round trips",
@@ -1495,9 +1428,9 @@ def render_table(data: dict[str, Any]) -> str:
         if soak:
             lines.append(
                 f"soak {name}: {soak['calls']} calls for {soak['duration_s']:g} s, RSS "
-                f"{_fmt(soak['rss_mb_first'])} -> {_fmt(soak['rss_mb_last'])} MB, "
-                f"{_fmt(soak['rss_mb_per_10_min'], '.2f')} MB per 10 min (second half "
-                f"{_fmt(soak['rss_mb_per_10_min_second_half'], '.2f')})"
+                f"{fmt(soak['rss_mb_first'])} -> {fmt(soak['rss_mb_last'])} MB, "
+                f"{fmt(soak['rss_mb_per_10_min'], '.2f')} MB per 10 min (second half "
+                f"{fmt(soak['rss_mb_per_10_min_second_half'], '.2f')})"
             )
     return "\n".join(lines)
 
@@ -1531,18 +1464,18 @@ def render_markdown(data: dict[str, Any]) -> str:
         step = max(steps, key=lambda x: x["calls"]) if steps else {}
         rtt = step.get("rtt_ms") or {}
         setups = " / ".join(
-            _fmt(result["setup"][phase]["milestones_ms"]["first_echo"]["p50"]) for phase in PHASES
+            fmt(result["setup"][phase]["milestones_ms"]["first_echo"]["p50"]) for phase in PHASES
         )
         money = data["cost"].get(name) or {}
         like = result["system"]["like_for_like_group"]
         rows.append(
             f"| {name} | {'transcodes' if result['system']['transcodes'] else 'passthrough'} | "
             f"{'' if capacity.get('bounded', True) else '≥'}"
-            f"{capacity.get('calls', '-')} | {_fmt(capacity.get('calls_per_server_core'), '.0f')}"
-            f" | {_fmt(rtt.get('p50'), '.2f')} / {_fmt(rtt.get('p99'), '.2f')} | {setups} | "
-            f"{_fmt(step.get('server_millicores_per_call'), '.2f')} | "
-            f"{_fmt(result['memory']['like_for_like_kib_per_call_slope'] if like else None, '.0f')}"
-            f" | {_fmt(money.get('usd_per_1000_call_minutes'), '.4f')} |"
+            f"{capacity.get('calls', '-')} | {fmt(capacity.get('calls_per_server_core'), '.0f')}"
+            f" | {fmt(rtt.get('p50'), '.2f')} / {fmt(rtt.get('p99'), '.2f')} | {setups} | "
+            f"{fmt(step.get('server_millicores_per_call'), '.2f')} | "
+            f"{fmt(result['memory']['like_for_like_kib_per_call_slope'] if like else None, '.0f')}"
+            f" | {fmt(money.get('usd_per_1000_call_minutes'), '.4f')} |"
         )
     for comparison in data["comparisons"]:
         if comparison.get("reference_calls") is None:
@@ -1550,11 +1483,11 @@ def render_markdown(data: dict[str, Any]) -> str:
         cpu, memory = comparison["cpu_advantage"], comparison["memory_per_call_kib"]
         rows.append("")
         rows.append(
-            f"{comparison['mode']}: aiortc uses {_fmt(cpu['transceiver'], '.1f')}x the CPU per "
-            f"call of the voxrelay transceiver ({_fmt(cpu['all_processes'], '.1f')}x of all "
+            f"{comparison['mode']}: aiortc uses {fmt(cpu['transceiver'], '.1f')}x the CPU per "
+            f"call of the voxrelay transceiver ({fmt(cpu['all_processes'], '.1f')}x of all "
             f"voxrelay "
             f"processes; target ≥{cpu['target_at_least']:g}x, {_verdict(cpu['pass'])}) and "
-            f"voxrelay {_fmt(memory['ratio_transceiver'], '.2f')}x aiortc's memory per call "
+            f"voxrelay {fmt(memory['ratio_transceiver'], '.2f')}x aiortc's memory per call "
             f"(target ≤{memory['target_at_most']:g}, {_verdict(memory['pass'])}), at "
             f"{comparison['reference_calls']} calls"
             + (
@@ -1793,7 +1726,7 @@ def _systems(
     """Start each server of ``mode`` when its turn comes, stop it when the next starts."""
     with contextlib.ExitStack() as own:
         if settings.target and mode == "passthrough":
-            status = _fetch_status(settings.target)
+            status = fetch_status(settings.target)
             system = voxrelay_system(status, settings.target, mode, settings.token)
         else:
             fleet_dir = Path(tempfile.mkdtemp(prefix=f"fleet-{mode}-", dir=workdir))
@@ -1839,28 +1772,14 @@ def _with_every_pid(status: dict[str, Any], timeout: float = 15.0) -> dict[str, 
         if time.monotonic() > deadline or not status.get("metrics_url"):
             raise BenchError("the fleet's relay workers or transceivers report no pid")
         time.sleep(0.1)
-        status = _fetch_status(status["metrics_url"])
+        status = fetch_status(status["metrics_url"])
     return status
-
-
-def _fetch_status(url: str) -> dict[str, Any]:
-    """--target's /status: a fleet's (http://host:port from `voxrelay status`) or one
-    transceiver's (its signaling URL)."""
-    import urllib.error
-    import urllib.request
-
-    base = url.rstrip("/").removesuffix("/status").removesuffix("/whip")
-    try:
-        with urllib.request.urlopen(base + "/status", timeout=5) as response:
-            return json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise BenchError(f"{base}/status does not answer with JSON: {exc}") from exc
 
 
 def run_benchmark(settings: SessionsSettings, out: Path | None, command: str) -> dict[str, Any]:
     """Start what is needed, measure, stop everything (even on errors); returns the data."""
     progress = Progress()
-    with contextlib.ExitStack() as stack, _terminate_as_interrupt():
+    with contextlib.ExitStack() as stack, terminate_as_interrupt():
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="voxrelay-sess-")))
         results, caller_pids = asyncio.run(interruptible(measure(settings, workdir, progress)))
     data = build_report(settings, results, caller_pids)
@@ -2004,13 +1923,7 @@ def _calls_list(
     type=click.FloatRange(1, 3600),
     help="Seconds between soak samples.",
 )
-@click.option(
-    "--call-timeout",
-    default=10.0,
-    show_default=True,
-    type=click.FloatRange(1, 120),
-    help="Seconds a call may take to hear its first echo.",
-)
+@call_timeout_option
 @click.option(
     "--vcpu-hour-usd",
     default=0.04,
@@ -2018,20 +1931,7 @@ def _calls_list(
     type=click.FloatRange(0),
     help="Price of one vCPU-hour, for the cost per 1,000 call-minutes.",
 )
-@click.option(
-    "--transceivers",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Transceivers of the temporary fleet.",
-)
-@click.option(
-    "--workers",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Relay workers of the temporary fleet.",
-)
+@temporary_fleet_options
 @click.option(
     "--out",
     "out_dir",
@@ -2101,13 +2001,9 @@ def sessions_command(
     out = Path(out_dir) if out_dir else None
     arguments = sys.argv[sys.argv.index("sessions") + 1 :] if "sessions" in sys.argv else []
     command = " ".join(["voxrelay bench sessions", *(_quote(a) for a in arguments)])
-    try:
-        data = run_benchmark(settings, out, command.strip())
-    except (BenchError, PlotError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted; all benchmark processes stopped", err=True)
-        sys.exit(130)
+    data = run_reporting_errors(
+        lambda: run_benchmark(settings, out, command.strip()), (BenchError, PlotError)
+    )
     click.echo(render_table(data))
     if out is not None:
         click.echo(f"wrote {out}/sessions.json, sessions.md and sessions_*.png")

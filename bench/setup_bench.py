@@ -37,13 +37,11 @@ from __future__ import annotations
 import array
 import asyncio
 import contextlib
-import datetime
 import fractions
 import functools
 import json
 import math
 import os
-import platform
 import secrets
 import select
 import signal
@@ -53,7 +51,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,6 +59,18 @@ from typing import TYPE_CHECKING, Any
 import click
 import psutil
 
+from voxrelay.bench.common import (
+    BenchError,
+    CliFleet,
+    call_timeout_option,
+    cpu_seconds,
+    fmt,
+    ratio_of,
+    report_header,
+    run_reporting_errors,
+    temporary_fleet_options,
+    terminate_as_interrupt,
+)
 from voxrelay.bench.plot import (
     PlotError,
     colour_for,
@@ -69,7 +79,6 @@ from voxrelay.bench.plot import (
     save_figure,
     target_marker,
 )
-from voxrelay.bench.relay_bench import BenchError, _terminate_as_interrupt
 
 if TYPE_CHECKING:  # aiortc, av and aiohttp load when a benchmark runs, not with every CLI call
     from aiohttp import ClientSession, web
@@ -433,17 +442,6 @@ def _local_process(pid: int | None) -> bool:
         return False
 
 
-def cpu_seconds(pids: Iterable[int], what: str) -> float:
-    total = 0.0
-    for pid in pids:
-        try:
-            times = psutil.Process(pid).cpu_times()
-        except psutil.Error as exc:
-            raise BenchError(f"cannot read the CPU time of {what} pid {pid}: {exc}") from exc
-        total += times.user + times.system
-    return total
-
-
 @dataclass
 class EchoServer:
     """A WHIP endpoint under test and the processes whose CPU time is its cost."""
@@ -536,26 +534,24 @@ def voxrelay_server(status: dict[str, Any], source: str) -> EchoServer:
 def target_server(url: str) -> EchoServer:
     """``--target``: a fleet's status URL (http://host:port from `voxrelay status`) or a
     transceiver's signaling URL; its /status says which."""
-    base = url.rstrip("/")
-    base = base.removesuffix("/status").removesuffix("/whip")
-    return voxrelay_server(_fetch_json(base + "/status"), url)
+    return voxrelay_server(fetch_status(url), url)
 
 
-class TemporaryFleet:
+def fetch_status(url: str) -> dict[str, Any]:
+    """A fleet's /status (``url`` from `voxrelay status`) or one transceiver's (its signaling
+    URL, with or without /whip)."""
+    base = url.rstrip("/").removesuffix("/status").removesuffix("/whip")
+    return _fetch_json(base + "/status")
+
+
+class TemporaryFleet(CliFleet):
     """A fleet of our own, up and down through the CLI like an operator would."""
 
     def __init__(self, workdir: Path, transceivers: int, workers: int) -> None:
-        self.runtime_dir = workdir / "run"
-        self.config_path = workdir / "fleet.toml"
+        super().__init__(workdir)
         self.status: dict[str, Any] = {}
         lines = [
-            "[fleet]",
-            f'name = "setup{secrets.token_hex(4)}"',
-            "cluster_id = 1",
-            f"runtime_dir = {json.dumps(str(self.runtime_dir))}",  # a JSON string is TOML
-            'log_level = "warning"',
-            "[secrets]",
-            f'token_secrets = ["hex:{secrets.token_hex(32)}"]',
+            *self.identity_lines(f"setup{secrets.token_hex(4)}", 1, secrets.token_bytes(32)),
             "[relay]",
             'bind = "127.0.0.1"',
             "port = 0",
@@ -569,27 +565,10 @@ class TemporaryFleet:
             "port = 0",
             "signaling_port = 0",
         ]
-        self.config_path.write_text("\n".join(lines) + "\n")
-
-    def _cli(self, *args: str, timeout: float) -> subprocess.CompletedProcess:
-        command = [sys.executable, "-m", "voxrelay", *args, "--config", str(self.config_path)]
-        try:
-            return subprocess.run(
-                command, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
-            )
-        except subprocess.TimeoutExpired:
-            raise BenchError(
-                f"`voxrelay {' '.join(args)}` did not finish within {timeout:g} s\n"
-                f"{self.log_tail()}"
-            ) from None
+        self.write_config(lines)
 
     def start(self) -> dict[str, Any]:
-        up = self._cli("up", "--detach", timeout=60)
-        if up.returncode != 0:
-            raise BenchError(
-                f"`voxrelay up --detach` failed ({up.returncode}): "
-                f"{(up.stderr or up.stdout).strip()}\n{self.log_tail()}"
-            )
+        self.up(timeout=60)
         status = self._cli("status", "--json", timeout=30)
         try:
             self.status = json.loads(status.stdout)
@@ -598,12 +577,6 @@ class TemporaryFleet:
                 f"`voxrelay status --json` printed no JSON: {status.stderr.strip()}"
             ) from None
         return self.status
-
-    def log_tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            text = (self.runtime_dir / "voxrelay.log").read_text(errors="replace")
-            return "\n".join(text.splitlines()[-lines:])
-        return ""
 
     def close(self) -> None:
         """`voxrelay down --now`, then kill whatever of ours is left (up may have half failed)."""
@@ -616,17 +589,7 @@ class TemporaryFleet:
             workers = (self.status.get("relay") or {}).get("workers") or []
             pids += [int(w.get("pid") or 0) for w in workers]
             pids += [int(t.get("pid") or 0) for t in self.status.get("local_transceivers", [])]
-        if state:
-            with contextlib.suppress(BenchError):
-                self._cli("down", "--now", "--timeout", "10", timeout=20)
-        for pid in pids:
-            if pid <= 0:
-                continue
-            with contextlib.suppress(psutil.Error):
-                process = psutil.Process(pid)
-                if "voxrelay" in " ".join(process.cmdline()):  # still ours, not a reused pid
-                    process.kill()
-                    process.wait(3)
+        self.down(pids, via_cli=bool(state))
         self.status = {}
 
 
@@ -634,8 +597,12 @@ class AiortcEchoProcess:
     """The baseline: :func:`serve_aiortc_echo` in a process of its own."""
 
     def __init__(self, timeout: float = 30.0) -> None:
+        self._spawn(["voxrelay.bench.setup_bench", "aiortc-echo-server"], timeout)
+
+    def _spawn(self, module_and_args: list[str], timeout: float) -> None:
+        """Run ``python -m module args`` and wait for the server's line saying it listens."""
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "voxrelay.bench.setup_bench", "aiortc-echo-server"],
+            [sys.executable, "-m", *module_and_args],
             stdin=subprocess.PIPE,  # closed when we go: the server stops at end of input
             stdout=subprocess.PIPE,
             text=True,
@@ -682,6 +649,8 @@ class AiortcEchoProcess:
 class AiortcEchoApp:
     """WHIP over aiohttp, answered by aiortc, echoing each RTP payload as it arrives."""
 
+    offer_errors: tuple[type[Exception], ...] = (ValueError, AttributeError)  # answered 400
+
     def __init__(self) -> None:
         self.calls: dict[str, RTCPeerConnection] = {}
         self.calls_started = 0
@@ -702,26 +671,18 @@ class AiortcEchoApp:
     async def post_offer(self, request: web.Request) -> web.Response:
         from aiohttp import web
         from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
-        from aiortc.rtp import RtpPacket
 
         offer = await request.text()
         pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
         call_id = secrets.token_hex(8)
-        echo = EchoQueue()
         try:
             await pc.setRemoteDescription(RTCSessionDescription(offer, "offer"))
-            pc.addTrack(audio_track(echo))
+            echo = self.add_echo_track(pc)
             await pc.setLocalDescription(await pc.createAnswer())
-        except (ValueError, AttributeError) as exc:
+        except self.offer_errors as exc:
             await pc.close()
             return web.Response(status=400, text=f"cannot accept this offer: {exc}")
-
-        def on_rtp(data: bytes) -> None:
-            with contextlib.suppress(ValueError):
-                packet = RtpPacket.parse(data)
-                echo.push(packet.payload, packet.timestamp)
-
-        tap_rtp(pc, on_rtp)
+        self.start_echo(pc, echo)
 
         @pc.on("connectionstatechange")
         async def _state() -> None:
@@ -736,6 +697,25 @@ class AiortcEchoApp:
             content_type="application/sdp",
             headers={"Location": f"/whip/{call_id}"},
         )
+
+    def add_echo_track(self, pc: RTCPeerConnection) -> EchoQueue | None:
+        """Before the answer: add the track ``pc`` sends back; returns what feeds it."""
+        echo = EchoQueue()
+        pc.addTrack(audio_track(echo))
+        return echo
+
+    def start_echo(self, pc: RTCPeerConnection, echo: EchoQueue | None) -> None:
+        """After the answer: feed each received RTP payload, undecoded, to ``echo``."""
+        from aiortc.rtp import RtpPacket
+
+        assert echo is not None
+
+        def on_rtp(data: bytes) -> None:
+            with contextlib.suppress(ValueError):
+                packet = RtpPacket.parse(data)
+                echo.push(packet.payload, packet.timestamp)
+
+        tap_rtp(pc, on_rtp)
 
     async def delete_call(self, request: web.Request) -> web.Response:
         from aiohttp import web
@@ -764,14 +744,21 @@ class AiortcEchoApp:
 
 def serve_aiortc_echo(host: str = "127.0.0.1") -> None:
     """Serve until SIGTERM or end of stdin; print ``{"whip_url", "pid"}`` once listening."""
+    serve_echo_app(AiortcEchoApp, host)
 
+
+def serve_echo_app(
+    make_app: Callable[[], AiortcEchoApp], host: str = "127.0.0.1", backlog: int = 128
+) -> None:
+    """Serve ``make_app()`` until SIGTERM or end of stdin; print ``{"whip_url", "pid"}`` once
+    listening."""
     from aiohttp import web
 
     async def main() -> None:
-        echo = AiortcEchoApp()
+        echo = make_app()
         runner = web.AppRunner(echo.app(), access_log=None)
         await runner.setup()
-        await web.TCPSite(runner, host, 0).start()
+        await web.TCPSite(runner, host, 0, backlog=backlog).start()
         port = runner.addresses[0][1]
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -990,20 +977,12 @@ class Progress:
         click.echo(f"[{self.done}/{self.total}] {text}")
 
 
-def _fmt(value: float | None, spec: str = ".1f") -> str:
-    return "-" if value is None else format(value, spec)
-
-
 def _echo_cpu(steady: dict[str, Any]) -> float | None:
     """CPU µs per echoed packet of the whole echo path: every process group together."""
     groups = steady["processes"]
     if not groups:
         return None
     return _per_packet_us(sum(g["cpu_s"] for g in groups.values()), steady["echoed_packets"])
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float | None:
-    return None if numerator is None or not denominator else numerator / denominator
 
 
 def targets(setup: dict[str, Any]) -> dict[str, Any]:
@@ -1027,9 +1006,9 @@ def ratios(steady: dict[str, Any]) -> dict[str, Any]:
     server = aiortc["processes"].get("server", {}).get("cpu_us_per_echoed_packet")
     transceiver = vox["processes"].get("transceiver", {}).get("cpu_us_per_echoed_packet")
     return {
-        "transceiver_over_aiortc": _ratio(transceiver, server),
-        "voxrelay_total_over_aiortc": _ratio(_echo_cpu(vox), server),
-        "caller_voxrelay_over_aiortc": _ratio(
+        "transceiver_over_aiortc": ratio_of(transceiver, server),
+        "voxrelay_total_over_aiortc": ratio_of(_echo_cpu(vox), server),
+        "caller_voxrelay_over_aiortc": ratio_of(
             vox["caller"]["cpu_us_per_echoed_packet"], aiortc["caller"]["cpu_us_per_echoed_packet"]
         ),
     }
@@ -1041,20 +1020,8 @@ def build_report(
     setup: dict[str, Any],
     steady: dict[str, Any],
 ) -> dict[str, Any]:
-    from voxrelay import __version__
-
     return {
-        "benchmark": "voxrelay bench setup",
-        "schema_version": 1,
-        "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "voxrelay_version": __version__,
-        "machine": {
-            "cpus": os.cpu_count(),
-            "usable_cpus": len(os.sched_getaffinity(0)),
-            "platform": platform.platform(),
-            "python": platform.python_version(),
-            "load_average": list(os.getloadavg()),
-        },
+        **report_header("voxrelay bench setup"),
         "settings": settings.as_dict(),
         "servers": {name: server.as_dict() for name, server in servers.items()},
         "setup": setup,
@@ -1110,8 +1077,8 @@ def render_table(data: dict[str, Any]) -> str:
         lines.append(
             row(
                 f"  {MILESTONE_LABELS[name]}",
-                f"{_fmt(v['median'])} / {_fmt(v['p95'])}",
-                f"{_fmt(a['median'])} / {_fmt(a['p95'])}",
+                f"{fmt(v['median'])} / {fmt(v['p95'])}",
+                f"{fmt(a['median'])} / {fmt(a['p95'])}",
                 extra,
             )
         )
@@ -1135,26 +1102,26 @@ def render_table(data: dict[str, Any]) -> str:
         ),
         row(
             "  transceiver | aiortc server",
-            _fmt(transceiver.get("cpu_us_per_echoed_packet")),
-            _fmt(server.get("cpu_us_per_echoed_packet")),
-            _fmt(r["transceiver_over_aiortc"], ".2f") + "x",
+            fmt(transceiver.get("cpu_us_per_echoed_packet")),
+            fmt(server.get("cpu_us_per_echoed_packet")),
+            fmt(r["transceiver_over_aiortc"], ".2f") + "x",
         ),
-        row("  relay workers", _fmt(relay.get("cpu_us_per_echoed_packet")), "-"),
+        row("  relay workers", fmt(relay.get("cpu_us_per_echoed_packet")), "-"),
         row(
             "  echo path total",
-            _fmt(_echo_cpu(sv)),
-            _fmt(server.get("cpu_us_per_echoed_packet")),
-            _fmt(r["voxrelay_total_over_aiortc"], ".2f") + "x",
+            fmt(_echo_cpu(sv)),
+            fmt(server.get("cpu_us_per_echoed_packet")),
+            fmt(r["voxrelay_total_over_aiortc"], ".2f") + "x",
         ),
         row(
             "  caller (aiortc, this process)",
-            _fmt(sv["caller"]["cpu_us_per_echoed_packet"]),
-            _fmt(sa["caller"]["cpu_us_per_echoed_packet"]),
+            fmt(sv["caller"]["cpu_us_per_echoed_packet"]),
+            fmt(sa["caller"]["cpu_us_per_echoed_packet"]),
         ),
         row(
             "  echoed packets / loss",
-            f"{sv['echoed_packets']:,} / {_fmt(sv['echo_loss'], '.1%')}",
-            f"{sa['echoed_packets']:,} / {_fmt(sa['echo_loss'], '.1%')}",
+            f"{sv['echoed_packets']:,} / {fmt(sv['echo_loss'], '.1%')}",
+            f"{sa['echoed_packets']:,} / {fmt(sa['echo_loss'], '.1%')}",
         ),
     ]
     return "\n".join(lines)
@@ -1258,14 +1225,14 @@ async def measure(
         m = setup[name]["milestones_ms"]
         progress.phase(
             f"{name} setup: {setup[name]['echoing']}/{settings.calls} calls echoing, connected p50 "
-            f"{_fmt(m['connected']['median'])} ms, first echo p50 "
-            f"{_fmt(m['first_echo']['median'])} ms"
+            f"{fmt(m['connected']['median'])} ms, first echo p50 "
+            f"{fmt(m['first_echo']['median'])} ms"
         )
     for name in SERVERS:
         steady[name] = await steady_phase(servers[name], settings, packets)
         progress.phase(
             f"{name} steady: {steady[name]['echoed_packets']:,} packets echoed, "
-            f"{_fmt(_echo_cpu(steady[name]))} µs CPU each (echo path)"
+            f"{fmt(_echo_cpu(steady[name]))} µs CPU each (echo path)"
         )
     return setup, steady
 
@@ -1298,7 +1265,7 @@ async def interruptible(coroutine: Awaitable[Any]) -> Any:
 def run_benchmark(settings: SetupSettings, out: Path | None) -> dict[str, Any]:
     """Start what is needed, measure, stop everything (even on errors); returns the data."""
     progress = Progress(total=4)
-    with contextlib.ExitStack() as stack, _terminate_as_interrupt():
+    with contextlib.ExitStack() as stack, terminate_as_interrupt():
         if settings.target:
             voxrelay = target_server(settings.target)
         else:
@@ -1352,13 +1319,7 @@ def run_benchmark(settings: SetupSettings, out: Path | None) -> dict[str, Any]:
     type=click.FloatRange(0.5, 3600),
     help="Seconds of the CPU phase.",
 )
-@click.option(
-    "--call-timeout",
-    default=10.0,
-    show_default=True,
-    type=click.FloatRange(1, 120),
-    help="Seconds a call may take to hear its first echo.",
-)
+@call_timeout_option
 @click.option(
     "--prompt-ice",
     is_flag=True,
@@ -1372,20 +1333,7 @@ def run_benchmark(settings: SetupSettings, out: Path | None) -> dict[str, Any]:
     "temporary fleet.",
 )
 @click.option("--token", default=None, help="WHIP bearer token (signaling_token) for --target.")
-@click.option(
-    "--transceivers",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Transceivers of the temporary fleet.",
-)
-@click.option(
-    "--workers",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 64),
-    help="Relay workers of the temporary fleet.",
-)
+@temporary_fleet_options
 @click.option(
     "--out",
     "out_dir",
@@ -1429,13 +1377,7 @@ def setup_bench_command(
         workers=workers,
     )
     out = Path(out_dir) if out_dir else None
-    try:
-        data = run_benchmark(settings, out)
-    except (BenchError, PlotError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except KeyboardInterrupt:
-        click.echo("interrupted; all benchmark processes stopped", err=True)
-        sys.exit(130)
+    data = run_reporting_errors(lambda: run_benchmark(settings, out), (BenchError, PlotError))
     click.echo(render_table(data))
     if out is not None:
         click.echo(f"wrote {out / 'setup.json'} and {out / 'setup.png'}")
