@@ -371,7 +371,11 @@ class MediaStream:
             return None
         arrival_middle = ntp_middle32(ntp_timestamp(now + self.wall_offset))
         for packet in packets:
-            if isinstance(packet, SenderReport):
+            if isinstance(packet, SenderReport) and (
+                packet.ssrc in self._last_sr or len(self._last_sr) < MAX_REMOTE_SOURCES
+            ):
+                # Bounded like the RTP sources: an authenticated peer cycling SSRCs in
+                # sender reports must not grow this without end.
                 self._last_sr[packet.ssrc] = (ntp_middle32(packet.ntp_timestamp), now)
             if isinstance(packet, SenderReport | ReceiverReport):
                 for block in packet.reports:

@@ -42,6 +42,7 @@ from voxrelay.proto.rtcp import (
     SourceDescription,
     build_bye,
     build_receiver_report,
+    build_sender_report,
 )
 from voxrelay.proto.rtp import RtpError, build_rtp, ntp_middle32, ntp_timestamp, parse_rtp
 
@@ -437,3 +438,13 @@ def test_report_blocks_after_a_bye_are_not_read(handshakes) -> None:
     alone = build_receiver_report(0xB0B, [echo])
     assert pair.server.receive_rtcp(forged.protect_rtcp(alone), START + 0.3) is not None
     assert pair.server.round_trip_time == pytest.approx(0.2, abs=1e-4)
+
+
+def test_sender_reports_from_many_ssrcs_are_bounded(handshakes) -> None:
+    """An authenticated peer cycling SSRCs in its sender reports cannot grow our state."""
+    pair = keyed_pair(handshakes)
+    forged = forger(handshakes[0])
+    for ssrc in range(1, 200):
+        report = build_sender_report(ssrc, ntp_timestamp(START + WALL_OFFSET), 0, 1, 80)
+        assert pair.server.receive_rtcp(forged.protect_rtcp(report), START) is not None
+    assert len(pair.server._last_sr) == MAX_REMOTE_SOURCES
