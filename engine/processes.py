@@ -30,3 +30,19 @@ def free_port(host: str, kind: int = socket.SOCK_DGRAM) -> int:
     with socket.socket(family, kind) as probe:
         probe.bind((host, 0))
         return probe.getsockname()[1]
+
+
+TIMER_SLACK_NS = 5_000  # the kernel's default (50 us) would stretch a 100 us sleep by half
+_PR_SET_TIMERSLACK = 29
+
+
+def set_timer_slack(nanoseconds: int) -> None:
+    """How late the kernel may end this process's sleeps (it batches timer wake-ups).
+
+    Coalescing sleeps of ~100 us (relay workers, transceivers) need a tighter slack than
+    the default 50 us.
+    """
+    import ctypes
+
+    unused = ctypes.c_ulong(0)
+    ctypes.CDLL(None).prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(nanoseconds), unused, unused, unused)

@@ -81,6 +81,7 @@ from voxrelay.engine.fleetstate import (
     WORKER_STARTING,
     FleetState,
 )
+from voxrelay.engine.processes import TIMER_SLACK_NS, set_timer_slack
 from voxrelay.engine.routing import HEADER_SIZE as ROUTING_HEADER_SIZE
 from voxrelay.engine.routing import (
     SLOT_KEY,
@@ -121,8 +122,6 @@ IDLE_POLL_SECONDS = 0.2  # the poll timeout with nothing left to flush
 # sleep gathers COALESCE_MIN datagrams or more on average.
 COALESCE_BELOW = 8
 COALESCE_MIN = 2
-TIMER_SLACK_NS = 5_000  # the kernel's default (50 us) would stretch a 100 us sleep by half
-PR_SET_TIMERSLACK = 29
 
 _COUNTER = {name: i for i, name in enumerate(COUNTER_NAMES)}
 _NO_FAILURES: list[int] = []  # shared, never appended to: what a clean send returns
@@ -218,12 +217,6 @@ def sockaddr_for(host: str, port: int, socket_family: int) -> bytes:
         + socket.inet_pton(socket.AF_INET6, host)
         + b"\x00" * 4
     )
-
-
-def _set_timer_slack(nanoseconds: int) -> None:
-    """How late the kernel may end this process's sleeps (to batch timer wake-ups)."""
-    unused = ctypes.c_ulong(0)
-    ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, ctypes.c_ulong(nanoseconds), unused, unused, unused)
 
 
 def _family_of(host: str) -> int:
@@ -620,7 +613,7 @@ class RelayWorker:
         drain_public, drain_internal = self._drain_public, self._drain_internal
         coalesce = s.coalesce_us / 1e6
         if coalesce:
-            _set_timer_slack(TIMER_SLACK_NS)
+            set_timer_slack(TIMER_SLACK_NS)
         counters, sleep = self.counters, time.sleep
         pacing = False
         seen = tick_seen = 0  # datagrams read (both sockets) at the last wake-up, last tick
@@ -882,6 +875,7 @@ class RelayWorker:
         ) = self._internal_locals
         vec, count, out_vec = batch.vector, batch.count, out.vector
         sources = self._transceiver_sources
+        first_bytes = batch.bytes
         while True:
             received = _recvmmsg(fd, vec, count, MSG_DONTWAIT, None)
             if received <= 0:
@@ -908,6 +902,14 @@ class RelayWorker:
                     drops[9] += 1  # internal_bad_header
                     continue
                 p = payload_word + i * payload_stride_words
+                if first_bytes[p * 8] == BUNDLE_MARKER:
+                    # Several clients' replies in one datagram: one send per record.
+                    sent, added = self._unbundle_internal(out_fd, i, length, tid, sent)
+                    bytes_out += added
+                    continue
+                if sent == count:
+                    self._send_to_clients(out_fd, out, sent)
+                    sent = 0
                 rkey = recv_words[p] | (recv_words[p + 1] << 64) | (recv_words[p + 2] << 128)
                 entry = reverse_get(rkey)
                 if entry is None or table_words[entry[0]] != entry[1]:
@@ -941,6 +943,74 @@ class RelayWorker:
                     self._send_rest(out_fd, out, sent, done, 1)
             if received < count:
                 return
+
+    def _send_to_clients(self, fd: int, out: _Batch, count: int) -> None:
+        """Send the ``count`` messages queued for clients (the batch is full; rare)."""
+        done = _sendmmsg(fd, out.vector, count, 0)
+        if done == count:
+            self.counters[1] += count  # tx_public
+        else:
+            self._send_rest(fd, out, count, done, 1)
+
+    def _unbundle_internal(
+        self, out_fd: int, i: int, length: int, tid: int, sent: int
+    ) -> tuple[int, int]:
+        """Queue each record of the bundle in message ``i`` (from transceiver ``tid``) for
+        its client (sent from ``out_fd``); returns the new count of queued messages and the
+        payload bytes queued.
+
+        Called once per bundle, so the per-record work stays small: the record's header is
+        read as one integer from the receive buffer (no copy of the payload), and its
+        payload goes out through an iovec pointing into that buffer. A malformed record ends
+        the bundle (one internal_bad_header drop); the records before it stand.
+        """
+        batch, out = self.internal_in, self.to_clients
+        view, out_words = batch.bytes, out.words
+        reverse_get, table_words = self._reverse.get, self.table.words
+        v4_public = self.public_family == socket.AF_INET
+        out_iov, out_name, capacity = out.iov_word, out.name_word, out.count
+        base = batch.payload_offset + i * batch.payload_size
+        address = batch.payload_addresses[i] - base
+        offset, end = base, base + length
+        queued_bytes = 0
+        while offset < end:
+            start = offset + RECORD_OVERHEAD
+            if start > end or view[offset] != BUNDLE_MARKER or view[offset + 1]:
+                self.drops[9] += 1  # internal_bad_header
+                break
+            size = (view[offset + 2] << 8) | view[offset + 3]
+            if start + size > end:
+                self.drops[9] += 1
+                break
+            rkey = int.from_bytes(view[offset + RECORD_PREFIX_SIZE : start], sys.byteorder)
+            entry = reverse_get(rkey)
+            if entry is None or table_words[entry[0]] != entry[1]:
+                entry = self._internal_miss_header(
+                    rkey, bytes(view[offset + RECORD_PREFIX_SIZE : start])
+                )
+            if entry is None:
+                pass
+            elif entry[2] != tid:
+                self.drops[11] += 1  # internal_wrong_transceiver
+            elif size == 0:
+                self._release_route(entry, rkey)  # the transceiver ended the call
+            else:
+                if sent == capacity:
+                    self._send_to_clients(out_fd, out, sent)
+                    sent = 0
+                nw = out_name + sent * 4
+                out_words[nw] = entry[3]
+                if not v4_public:
+                    out_words[nw + 1] = entry[4]
+                    out_words[nw + 2] = entry[5]
+                    out_words[nw + 3] = 0
+                o = out_iov + sent * 4
+                out_words[o] = address + start
+                out_words[o + 1] = size
+                queued_bytes += size
+                sent += 1
+            offset = start + size
+        return sent, queued_bytes
 
     def _send_rest(self, fd: int, out: _Batch, count: int, first: int, counter: int) -> None:
         """Finish a sendmmsg whose first call returned ``first`` < ``count`` (rare).
@@ -1105,7 +1175,11 @@ class RelayWorker:
     def _internal_miss(self, rkey: int, i: int) -> list | None:
         batch = self.internal_in
         offset = batch.payload_offset + i * batch.payload_size
-        header = bytes(batch.bytes[offset : offset + HEADER_SIZE])
+        return self._internal_miss_header(rkey, bytes(batch.bytes[offset : offset + HEADER_SIZE]))
+
+    def _internal_miss_header(self, rkey: int, header: bytes) -> list | None:
+        """Look the route of relay header ``header`` (a transceiver reply's) up in the table
+        and cache it under ``rkey``; None (drop counted) for a bad header or no route."""
         if header[0] != 1 or header[1] not in (4, 6) or header[4:8] != b"\x00\x00\x00\x00":
             self.drops[9] += 1
             return None

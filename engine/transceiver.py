@@ -29,6 +29,7 @@ import os
 import secrets
 import signal
 import socket
+import struct
 import sys
 import time
 from collections import Counter
@@ -43,6 +44,7 @@ from voxrelay.proto.ice_lite import Address
 from voxrelay.proto.relay_header import (
     BUNDLE_MARKER,
     HEADER_SIZE,
+    RECORD_OVERHEAD,
     RelayBundleError,
     bundle_decode,
     decode_header,
@@ -104,6 +106,10 @@ class TransceiverSettings:
     backend: dict | None = None
     """WebSocketBackendSettings keyword arguments ([backend] kind = "websocket"), or None
     for the in-process echo."""
+    relay_bundle_max_bytes: int = 1472
+    """Replies to one relay worker that are ready together leave as one bundle datagram of
+    at most this many bytes (the relay's ``bundle_max_bytes``, capped by its
+    ``max_datagram``); 0 sends one datagram per reply."""
     supervised: bool = False
     """Started by a supervisor: ignore Ctrl-C's SIGINT (the supervisor drains, then sends
     SIGTERM), so calls keep flowing through the drain grace period."""
@@ -191,6 +197,13 @@ class Transceiver:
         # Counters for /metrics and /status.
         self.datagrams_in = 0
         self.datagrams_out = 0
+        self.bundles_out = 0
+        # Datagrams waiting for send_queued(): per relay worker, and direct to clients.
+        self._relay_out: dict[tuple, _RelayQueue] = {}
+        self._direct_out: list[tuple[bytes, Address]] = []
+        self._bundle_limit = settings.relay_bundle_max_bytes
+        self._batching = False  # inside a read batch, which sends at its end
+        self._send_armed = False
         self.drops: Counter[str] = Counter()
         self.calls_started = 0
         self.routes_released = 0
@@ -228,6 +241,7 @@ class Transceiver:
         """End every call politely, then close the socket."""
         for call_id in list(self.calls):
             self.end_call(call_id, reason)
+        self.send_queued()  # the calls' goodbyes and route releases
         if self.transport is not None:
             self.transport.close()
 
@@ -309,8 +323,10 @@ class Transceiver:
                 via = self._via.pop(address, None)
                 if via is not None and self.transport is not None:
                     # A bare relay header releases the client's route at once, instead of
-                    # leaving it to the relay's idle timeout (docs/internals.md).
-                    self.transport.sendto(header_from_address(address), via)
+                    # leaving it to the relay's idle timeout (docs/internals.md). Queued
+                    # behind the call's last datagrams, which still need the route.
+                    self._queue_relayed(via, header_from_address(address), b"")
+                    self._arm_send()
                     self.routes_released += 1
         if call.timer is not None:
             call.timer.cancel()
@@ -441,19 +457,73 @@ class Transceiver:
         self._schedule(call)
 
     def _flush(self, call: CallHandle) -> None:
-        transport = self.transport
-        if transport is None:
+        """Queue the call's datagrams; :meth:`send_queued` sends them.
+
+        Relayed replies are grouped by relay worker so those that are ready together (one
+        read batch, one timer round) leave as one bundle datagram: the kernel's cost per
+        UDP send, on both ends, dominates the cost of an echoed packet.
+        """
+        if self.transport is None:
             return
         for datagram, client in call.session.datagrams_to_send():
             via = self._via.get(client)
             if via is None:
-                transport.sendto(datagram, client)
+                self._direct_out.append((datagram, client))
             else:
                 header = call.headers.get(client)
                 if header is None:
                     header = call.headers[client] = header_from_address(client)
-                transport.sendto(header + datagram, via)
+                self._queue_relayed(via, header, datagram)
             self.datagrams_out += 1
+        self._arm_send()
+
+    def _queue_relayed(self, via: tuple, header: bytes, datagram: bytes) -> None:
+        """Queue one reply (an empty ``datagram`` releases the route) for relay worker ``via``."""
+        queued = self._relay_out.get(via)
+        if queued is None:
+            self._relay_out[via] = queued = _RelayQueue()
+        size = RECORD_OVERHEAD + len(datagram)
+        if queued.records and queued.size + size > self._bundle_limit:
+            self._send_relayed(via, queued)
+        queued.records.append((header, datagram))
+        queued.size += size
+
+    def _arm_send(self) -> None:
+        """Outside a read batch (timers, the backend, signaling), send at the loop's next
+        turn: whatever else is queued in this turn goes out with it."""
+        if not self._batching and not self._send_armed and self.loop is not None:
+            self._send_armed = True
+            self.loop.call_soon(self.send_queued)
+
+    def send_queued(self) -> None:
+        """Send every queued datagram: direct ones as they are, relayed ones bundled."""
+        self._send_armed = False
+        transport = self.transport
+        if transport is None:
+            return
+        if self._direct_out:
+            direct, self._direct_out = self._direct_out, []
+            for datagram, client in direct:
+                transport.sendto(datagram, client)
+        if self._relay_out:
+            for via, queued in self._relay_out.items():
+                if queued.records:
+                    self._send_relayed(via, queued)
+
+    def _send_relayed(self, via: tuple, queued: _RelayQueue) -> None:
+        records = queued.records
+        assert self.transport is not None
+        if len(records) == 1:
+            header, datagram = records[0]
+            self.transport.sendto(header + datagram, via)
+        else:
+            parts = []
+            for header, datagram in records:
+                parts += (_record_prefix(BUNDLE_MARKER, 0, len(datagram)), header, datagram)
+            self.transport.sendto(b"".join(parts), via)
+            self.bundles_out += 1
+        records.clear()
+        queued.size = 0
 
     # ------------------------------------------------------------------ timers
 
@@ -493,6 +563,7 @@ class Transceiver:
             "calls_ended": dict(self.calls_ended),
             "datagrams_in": self.datagrams_in,
             "datagrams_out": self.datagrams_out,
+            "bundles_out": self.bundles_out,
             "drops": dict(self.drops),
             "routes_released": self.routes_released,
             "backend": dict(getattr(self.backend, "counters", {})),
@@ -528,20 +599,26 @@ class _UdpEndpoint:
 
     def _read_ready(self) -> None:
         recvfrom = self._sock.recvfrom
-        received = self._owner.datagram_received
-        for _ in range(self._BATCH):
-            try:
-                data, addr = recvfrom(self._MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:  # an ICMP error queued on the socket (a client went away)
-                self._owner.drops["socket_error"] += 1
-                continue
-            try:
-                received(data, addr)
-            except Exception:  # a bug must cost one datagram, never the socket
-                self._owner.drops["internal_error"] += 1
-                log.exception("datagram handling failed")
+        owner = self._owner
+        received = owner.datagram_received
+        owner._batching = True  # replies wait for the end of the batch, then leave together
+        try:
+            for _ in range(self._BATCH):
+                try:
+                    data, addr = recvfrom(self._MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError:  # an ICMP error queued on the socket (a client went away)
+                    owner.drops["socket_error"] += 1
+                    continue
+                try:
+                    received(data, addr)
+                except Exception:  # a bug must cost one datagram, never the socket
+                    owner.drops["internal_error"] += 1
+                    log.exception("datagram handling failed")
+        finally:
+            owner._batching = False
+            owner.send_queued()
 
     def sendto(self, data: bytes, addr: tuple) -> None:
         try:
@@ -556,6 +633,20 @@ class _UdpEndpoint:
             self.closed = True
             self._loop.remove_reader(self._sock.fileno())
             self._sock.close()
+
+
+class _RelayQueue:
+    """Replies waiting for one relay worker: (relay header, datagram) records and their
+    size as a bundle."""
+
+    __slots__ = ("records", "size")
+
+    def __init__(self) -> None:
+        self.records: list[tuple[bytes, bytes]] = []
+        self.size = 0
+
+
+_record_prefix = struct.Struct(">BBH").pack  # marker, reserved, payload length
 
 
 def _reason_label(reason: str) -> str:

@@ -138,6 +138,7 @@ class TransceiverPool:
             certificate_path=str(local.certificate) if local.certificate else None,
             private_key_path=str(local.private_key) if local.private_key else None,
             backend=cfg.backend.client_settings(),
+            relay_bundle_max_bytes=min(cfg.relay.bundle_max_bytes, cfg.relay.max_datagram),
         )
 
     def _spawn(self, entry: TransceiverProcess) -> None:

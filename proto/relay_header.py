@@ -24,7 +24,7 @@ the same client.
 The header cannot carry an IPv6 scope id, so link-local clients (``fe80::1%eth0``) are
 refused: a reply to them without the scope would go out of the wrong interface.
 
-Relay -> transceiver, a worker may instead send a *bundle*: one datagram carrying several
+In either direction a sender may instead send a *bundle*: one datagram carrying several
 client datagrams, so the kernel does one UDP send for many packets. A bundle is one or more
 records, each a 4-byte prefix, a v1 header and the payload::
 
@@ -37,7 +37,7 @@ records, each a 4-byte prefix, a v1 header and the payload::
 
 A receiver tells the kinds apart by the first byte: 1 is a single v1 datagram, 2 a bundle
 (a client's own datagrams start with 0, 20-63 or 128-191, RFC 7983, so neither collides).
-Transceiver -> relay stays one v1 datagram per packet.
+Transceiver -> relay, a record with an empty payload releases the client's route.
 
 ``socket.inet_pton``/``inet_ntop`` are used as pure text <-> bytes conversions (they are
 the fastest strict parsers in the standard library); this module opens no socket.

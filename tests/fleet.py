@@ -179,6 +179,7 @@ class Fleet:
         idle_timeout: float = 30,
         drain_seconds: float = 1,
         bundle_max_bytes: int | None = None,
+        batch_size: int | None = None,
         extra: str = "",
     ) -> None:
         self.name = f"t{secrets.token_hex(4)}"
@@ -201,6 +202,7 @@ class Fleet:
             f"drain_seconds = {drain_seconds}",
             "restart_backoff_initial = 0.05",
             *([f"bundle_max_bytes = {bundle_max_bytes}"] if bundle_max_bytes is not None else []),
+            *([f"batch_size = {batch_size}"] if batch_size is not None else []),
             "[metrics]",
             "port = 0",
             "[transceiver]",

@@ -532,10 +532,72 @@ def test_a_live_call_through_the_relay_takes_bundles_and_shrugs_off_malformed_on
         assert result.loud_frames >= 25, result
         counters = status["relay"]["workers"][0]["counters"]
         assert counters["bundles_out"] > 0  # the call's packets did arrive bundled
+        assert transceiver.bundles_out > 0  # and the echoes of a bundle went back as one
         assert transceiver.drops["bad_relay_bundle"] == rounds * len(malformed)
         assert transceiver.drops["unknown_address"] >= rounds * valid_before_fault
 
     asyncio.run(scenario())
+
+
+def test_bundled_replies_from_a_transceiver_reach_every_client_in_order(tmp_path):
+    """Transceiver -> relay bundles: each record goes to its client from the public port, in
+    order, even when one bundle holds more records than a send batch (tiny payloads, batch
+    size 8); an empty record releases its client's route; a record for a client without a
+    route, and a malformed record, are dropped and counted, the records before them kept."""
+    from voxrelay.proto.relay_header import bundle_encode
+
+    transceiver = FakeTransceiver(1, echo=False)
+    try:
+        with running_fleet(tmp_path, [transceiver], workers=1, batch_size=8) as fleet:
+            clients = [Client(fleet.relay) for _ in range(12)]
+            for index, client in enumerate(clients):
+                client.send(binding_request(fleet.token(), f"b{index}"))
+            wait_until(
+                lambda: all(transceiver.payloads_from(c.address) for c in clients),
+                what="every route",
+            )
+            (relay_internal,) = transceiver.relays
+            expected: dict[tuple, list[bytes]] = {c.address: [] for c in clients}
+            for round_index in range(6):
+                records = []
+                for seq in range(3):
+                    for index, client in enumerate(clients):
+                        payload = bytes([0x80, round_index, seq, index])
+                        records.append((client.address, payload))
+                        expected[client.address].append(payload)
+                transceiver.sock.sendto(bundle_encode(records), relay_internal)  # 36 records
+            last = clients[0]
+            lone = b"\x80\xffalone"
+            expected[last.address].append(lone)
+            stranger = ("127.0.0.1", 9)  # no route
+            faulty = bundle_encode([(last.address, lone), (stranger, b"\x80lost")])
+            faulty += b"\x02\x00\x00\x40" + bytes(24)  # truncated, bad header: the end
+            transceiver.sock.sendto(faulty, relay_internal)
+            for client in clients:
+                got = client.receive_all(0.6)
+                assert got == expected[client.address]
+            status = fleet.status()
+            counters = status["relay"]["workers"][0]["counters"]
+            drops = status["relay"]["workers"][0]["drops"]
+            assert counters["tx_public"] == 6 * 36 + 1
+            assert drops["internal_no_route"] == 1
+            assert drops["internal_bad_header"] == 1
+            # An empty record is a release: the route goes at once, later replies are lost.
+            transceiver.sock.sendto(
+                bundle_encode([(last.address, b"\x80bye"), (last.address, b"")]), relay_internal
+            )
+            assert last.receive_all(0.4) == [b"\x80bye"]
+            wait_until(
+                lambda: fleet.status()["relay"]["workers"][0]["counters"]["routes_released"] == 1,
+                what="the route released",
+            )
+            transceiver.send_to_client(last.address, b"\x80late", relay_internal)
+            assert last.receive_all(0.3) == []
+            assert fleet.status()["routing_table"]["entries"] == len(clients) - 1
+            for client in clients:
+                client.close()
+    finally:
+        transceiver.close()
 
 
 @pytest.mark.parametrize(

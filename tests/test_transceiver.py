@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import socket
 from contextlib import asynccontextmanager
@@ -173,3 +174,56 @@ def test_configured_certificate_is_the_one_the_answer_fingerprints(tmp_path):
 
     answer = asyncio.run(scenario())
     assert f"a=fingerprint:sha-256 {certificate.fingerprint('sha-256')}" in answer
+
+
+@pytest.mark.parametrize("limit", [300, 0])
+def test_replies_to_a_relay_bundle_go_back_bundled_within_the_limit(limit):
+    """Relay mode: the ICE checks of eight calls arrive in one bundle from a "relay worker"
+    socket; every reply goes back to that socket, bundled in datagrams of at most ``limit``
+    bytes (or one v1 datagram each when bundling is off), one success per client."""
+    import time
+
+    from voxrelay.proto.caller import CallerSession
+    from voxrelay.proto.dtls import generate_certificate
+    from voxrelay.proto.relay_header import bundle_decode, bundle_encode, decode_header
+
+    async def scenario():
+        async with running_transceiver(relay_bundle_max_bytes=limit) as (transceiver, server):
+            loop = asyncio.get_running_loop()
+            relay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            relay.bind(("127.0.0.1", 0))
+            relay.settimeout(0.3)
+            certificate = generate_certificate(time.time())
+            clients = [("127.0.0.1", 41000 + i) for i in range(8)]
+            records = []
+            async with ClientSession() as http:
+                for client in clients:
+                    caller = CallerSession(certificate, now=loop.time())
+                    offer = caller.offer_sdp(*client)
+                    async with http.post(server.url + "whip", data=offer, headers=_sdp) as reply:
+                        assert reply.status == 201
+                        answer = await reply.text()
+                    caller.accept_answer(answer, loop.time())
+                    (check,) = caller.datagrams_to_send()
+                    records.append((client, check))
+            relay.sendto(bundle_encode(records), ("127.0.0.1", transceiver.port))
+            datagrams = []
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    datagrams.append(await asyncio.to_thread(relay.recv, 65536))
+            relay.close()
+            replies = []
+            for datagram in datagrams:
+                if datagram[0] == 2:
+                    assert len(datagram) <= limit
+                    replies += [(client, bytes(body)) for client, body in bundle_decode(datagram)]
+                else:
+                    replies.append((decode_header(datagram), datagram[24:]))
+            assert sorted(client for client, _ in replies) == clients
+            assert all(payload[:2] == b"\x01\x01" for _, payload in replies)  # binding success
+            if limit:
+                assert transceiver.bundles_out >= 1 and len(datagrams) < len(clients)
+            else:
+                assert transceiver.bundles_out == 0 and len(datagrams) == len(clients)
+
+    asyncio.run(scenario())
