@@ -2,10 +2,10 @@
 
 Callers (bench/callers.py: sans-IO ICE, DTLS and SRTP, hundreds of calls per process, a
 few processes) dial a voxrelay fleet over WHIP - a temporary one started with ``voxrelay up
---detach``, or a running one with ``--target`` - and, with ``--baseline aiortc``, an aiortc
-echo server started by the benchmark, in the same run. Each call does the offer/answer,
-ICE checks, a DTLS handshake, then sends ~80-byte Opus packets at 50 packets/s and receives
-the echo. What is measured, per server:
+--detach``, or a running one with ``--target`` - and, with ``--baseline``, aiortc echo
+servers started by the benchmark, in the same run. Each call does the offer/answer, ICE
+checks, a DTLS handshake, then sends ~80-byte Opus packets at 50 packets/s and receives the
+echo. What is measured, per server:
 
 - setup: offer POST -> answer -> ICE check answered -> DTLS connected (SRTP keyed) -> first
   echoed packet; at idle (``--idle-calls`` one after another), under load (the calls each
@@ -16,18 +16,33 @@ the echo. What is measured, per server:
   memory of each of the server's process groups, and of the callers, reported apart.
 - capacity: the most calls with p99 round trip under ``--rtt-p99-ms`` and loss under
   ``--max-loss``, narrowed by bisection between the steps (``--search-steps``); reported as
-  calls per fleet core (the cores the fleet used there).
+  calls per fleet core (the cores the fleet used there). A server whose round trip already
+  fails at the smallest step for a fixed hold (aiortc's jitter buffer), not for load, has
+  no capacity within the limit and is not searched; its CPU-bound calls per core are still
+  reported, and its CPU and memory per call still compared (the ramp stops on loss only).
 - cost: CPU per call as infrastructure cost per 1,000 call-minutes at ``--vcpu-hour-usd``.
 - soak (``--soak SECONDS``): ``--soak-calls`` held for that long, the fleet's RSS sampled over
   time, to show that memory does not grow at constant load.
 
 Modes: ``passthrough`` (voxrelay's in-process echo backend, which returns each RTP payload
-unchanged; the aiortc baseline does the same, below its jitter buffer and decoder) and
-``pcm`` (the transceiver decodes Opus to PCM for an out-of-process WebSocket echo backend,
-``voxrelay backend echo``, and encodes its PCM back to Opus; the baseline is stock aiortc,
-echoing the received track, which decodes and re-encodes). A transcoded echo does not carry
-the caller's send time, so in pcm mode round trips are not measured and "loss" is the echo
-deficit: 1 - packets received / packets sent in the window.
+unchanged) and ``pcm`` (the transceiver decodes Opus to PCM for an out-of-process WebSocket
+echo backend, ``voxrelay backend echo``, and encodes its PCM back to Opus). A transcoded
+echo does not carry the caller's send time, so in pcm mode round trips are not measured and
+"loss" is the echo deficit: 1 - packets received / packets sent in the window.
+
+Baselines (``--baseline aiortc``, ``aiortc-tap`` or both, comma-separated), each an aiortc
+1.16 server in a process of its own, answering WHIP on loopback:
+
+- ``aiortc`` in passthrough mode (report name "aiortc", the target's baseline): aiortc's
+  whole receive and send pipeline - SRTP, RTCRtpReceiver (RTCP, jitter buffer, decoder
+  thread), the received track added back as the sent track, RTCRtpSender, SRTP - with the
+  Opus decoder swapped for one that hands each encoded frame on as an ``av.Packet``, which
+  the sender packs unchanged: aiortc patched to pass encoded frames through, no
+  transcoding. The jitter buffer holds each echo ~80 ms. In pcm mode ("aiortc-stock"):
+  stock aiortc echoing the received track, decoding and re-encoding Opus.
+- ``aiortc-tap`` (passthrough only, a reference): a lean server that takes each RTP packet
+  right after SRTP and sends its payload back as a pre-encoded packet, skipping the
+  receiver, jitter buffer and decoder thread - less than any real aiortc application does.
 
 The relay alone (no DTLS, no SRTP) is measured by ``voxrelay bench relay``.
 """
@@ -43,6 +58,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,6 +81,7 @@ from voxrelay.bench.common import (
 )
 from voxrelay.bench.plot import PlotError, colour_for, grouped_bars, pyplot, save_figure
 from voxrelay.bench.setup_bench import (
+    OPUS_TIME_BASE,
     AiortcEchoApp,
     AiortcEchoProcess,
     TemporaryFleet,
@@ -84,6 +101,9 @@ MILESTONE_LABELS = {
     "first_echo": "first echo",
 }
 PHASES = ("idle", "load", "herd")
+SCHEMA_VERSION = 2  # 2: "aiortc" in passthrough is the receiver pipeline, was the RTP tap
+BASELINES = ("aiortc", "aiortc-tap")  # what --baseline takes (besides "none")
+AIORTC_ECHO_HOLD_MS = 80.0  # aiortc 1.16's audio JitterBuffer(prefetch=4) x 20 ms packets
 TARGET_PASSTHROUGH_CPU_RATIO = 5.0  # aiortc passthrough / voxrelay, CPU per call: at least
 TARGET_TRANSCODING_CPU_RATIO = 3.0  # stock aiortc / voxrelay pcm: at least
 TARGET_MEMORY_RATIO = 0.2  # voxrelay / aiortc, RSS per call: at most
@@ -104,7 +124,8 @@ class SessionsSettings:
     calls: tuple[int, ...]
     pcm_calls: tuple[int, ...]
     duration: float
-    baseline: str | None
+    baselines: tuple[str, ...]
+    """Of BASELINES, in that order; empty for none."""
     modes: tuple[str, ...]
     target: str | None
     token: str | None
@@ -135,7 +156,8 @@ class SessionsSettings:
             "calls": list(self.calls),
             "pcm_calls": list(self.pcm_calls),
             "duration_s": self.duration,
-            "baseline": self.baseline,
+            "baseline": ",".join(self.baselines) or None,
+            "baselines": list(self.baselines),
             "modes": list(self.modes),
             "target": self.target,
             "caller_processes": self.caller_processes,
@@ -247,6 +269,11 @@ class System:
     transcodes: bool
     echo: str
     is_baseline: bool = False
+    baseline_role: str | None = None
+    """A baseline's part in the comparisons: "target" (the verdict is against it) or
+    "reference" (compared for information, no verdict)."""
+    echo_hold_ms: float | None = None
+    """A fixed time the server holds every echo (a jitter buffer), whatever the load."""
     bearer: str | None = None
     description: dict[str, Any] = field(default_factory=dict)
     _handles: dict[int, psutil.Process] = field(default_factory=dict, repr=False)
@@ -288,6 +315,7 @@ class System:
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "name": self.name,
             "mode": self.mode,
             "whip_url": self.whip_url,
             "pids": self.processes,
@@ -295,6 +323,8 @@ class System:
             "transcodes": self.transcodes,
             "echo": self.echo,
             "is_baseline": self.is_baseline,
+            "baseline_role": self.baseline_role,
+            "echo_hold_ms": self.echo_hold_ms,
             **self.description,
         }
 
@@ -352,10 +382,84 @@ class PcmFleet(TemporaryFleet):
             config.write(f'[backend]\nkind = "websocket"\nurl = "{backend_url}"\ncodec = "pcm16"\n')
 
 
+AIORTC_SERVER_KINDS = ("receiver", "tap", "transcoding")  # see serve_aiortc
+
+
+@dataclass(frozen=True)
+class AiortcBaseline:
+    """An aiortc server the benchmark can run beside voxrelay, and what it does."""
+
+    name: str
+    """In the report."""
+    option: str
+    """In --baseline."""
+    kind: str
+    """Of AIORTC_SERVER_KINDS: the server process's argument."""
+    mode: str
+    role: str
+    """Either "target" (the verdict is against it) or "reference" (compared, no verdict)."""
+    transcodes: bool
+    echo: str
+    echo_short: str
+    """For the Markdown table's echo column."""
+    echo_hold_ms: float | None
+
+
+AIORTC_BASELINES = (
+    AiortcBaseline(
+        name="aiortc",
+        option="aiortc",
+        kind="receiver",
+        mode="passthrough",
+        role="target",
+        transcodes=False,
+        echo="aiortc's whole pipeline, Opus passed through: SRTP, RTCRtpReceiver (RTCP, "
+        "jitter buffer, decoder thread, its Opus decoder swapped for one handing each "
+        "encoded frame on as an av.Packet), the received track added back as the sent "
+        "track, RTCRtpSender packing each packet unchanged, SRTP (no transcoding)",
+        echo_short="passthrough, through RTCRtpReceiver and its jitter buffer",
+        echo_hold_ms=AIORTC_ECHO_HOLD_MS,
+    ),
+    AiortcBaseline(
+        name="aiortc-tap",
+        option="aiortc-tap",
+        kind="tap",
+        mode="passthrough",
+        role="reference",
+        transcodes=False,
+        echo="lean aiortc: each RTP packet taken right after SRTP (RTCDtlsTransport."
+        "_handle_rtp_data replaced) and its payload sent back by RTCRtpSender as a "
+        "pre-encoded packet (no RTCRtpReceiver, jitter buffer, decoder thread or encoder; "
+        "no transcoding)",
+        echo_short="passthrough, RTP tapped after SRTP (reference)",
+        echo_hold_ms=None,
+    ),
+    AiortcBaseline(
+        name="aiortc-stock",
+        option="aiortc",
+        kind="transcoding",
+        mode="pcm",
+        role="target",
+        transcodes=True,
+        echo="stock aiortc: the received track added back as the sent track (jitter "
+        "buffer, Opus decode, Opus encode: transcodes)",
+        echo_short="transcodes (stock aiortc)",
+        echo_hold_ms=AIORTC_ECHO_HOLD_MS,
+    ),
+)
+
+
+def aiortc_baselines(options: Sequence[str], mode: str) -> list[AiortcBaseline]:
+    """The servers ``--baseline`` asks for in ``mode``, the target's first."""
+    return [b for b in AIORTC_BASELINES if b.mode == mode and b.option in options]
+
+
 class AiortcServerProcess(AiortcEchoProcess):
-    """An aiortc echo server of ``kind`` passthrough or transcoding, on loopback only."""
+    """An aiortc echo server of ``kind`` (AIORTC_SERVER_KINDS), on loopback only."""
 
     def __init__(self, kind: str, timeout: float = 30.0) -> None:
+        if kind not in AIORTC_SERVER_KINDS:
+            raise ValueError(f"no aiortc server kind {kind!r}")
         self.kind = kind
         self._spawn(["voxrelay.bench.sessions_bench", "aiortc-server", kind], timeout)
 
@@ -383,26 +487,27 @@ def voxrelay_system(status: dict[str, Any], source: str, mode: str, bearer: str 
     )
 
 
-def aiortc_system(process: AiortcServerProcess, mode: str) -> System:
+def aiortc_system(baseline: AiortcBaseline, whip_url: str, pid: int) -> System:
+    """The System of ``baseline``'s server process ``pid``, answering at ``whip_url``."""
     import aiortc
 
-    passthrough = mode == "passthrough"
     return System(
-        name="aiortc" if passthrough else "aiortc-stock",
-        mode=mode,
-        whip_url=process.info["whip_url"],
-        processes={"server": [process.process.pid]},
+        name=baseline.name,
+        mode=baseline.mode,
+        whip_url=whip_url,
+        processes={"server": [pid]},
         like_for_like="server",
-        transcodes=not passthrough,
+        transcodes=baseline.transcodes,
+        echo=baseline.echo,
         is_baseline=True,
-        echo=(
-            "RTP payloads taken right after SRTP and sent back as pre-encoded packets "
-            "(no jitter buffer, decoder or encoder; no transcoding)"
-            if passthrough
-            else "stock aiortc: the received track added back as the sent track (jitter "
-            "buffer, Opus decode, Opus encode: transcodes)"
-        ),
-        description={"kind": "aiortc echo server", "aiortc": aiortc.__version__},
+        baseline_role=baseline.role,
+        echo_hold_ms=baseline.echo_hold_ms,
+        description={
+            "kind": "aiortc echo server",
+            "server_kind": baseline.kind,
+            "echo_short": baseline.echo_short,
+            "aiortc": aiortc.__version__,
+        },
     )
 
 
@@ -421,21 +526,93 @@ class TranscodingEchoApp(AiortcEchoApp):
         """Nothing to start: aiortc's receiver feeds the track it sends."""
 
 
+class PassthroughOpusDecoder:
+    """aiortc's Decoder interface, decoding nothing: each encoded frame (a JitterFrame) on
+    as an ``av.Packet`` with its bytes, pts = its RTP timestamp (which RTCRtpReceiver has
+    mapped to start at 0) and time base 1/48000. RTCRtpSender packs what is not an
+    ``av.Frame`` with the encoder's ``pack``, which for Opus sends ``bytes(packet)`` at
+    that pts: the payload goes out as it came in."""
+
+    frames = 0
+    """Frames passed through, all decoders of the process (the /status endpoint)."""
+    _lock = threading.Lock()
+
+    def __init__(self) -> None:
+        import av
+
+        self._packet = av.Packet
+
+    def decode(self, encoded_frame: Any) -> list[Any]:
+        packet = self._packet(encoded_frame.data)
+        packet.pts = encoded_frame.timestamp
+        packet.time_base = OPUS_TIME_BASE
+        with self._lock:  # one decoder thread per call: they race for the count only
+            PassthroughOpusDecoder.frames += 1
+        return [packet]
+
+
+def pass_opus_through() -> None:
+    """Make every RTCRtpReceiver of this process hand Opus frames on undecoded.
+
+    aiortc 1.16's receiver runs ``decoder_worker`` in a thread per receiver, which calls the
+    module-level ``aiortc.rtcrtpreceiver.get_decoder(codec)`` and then
+    ``decoder.decode(encoded_frame)``; this replaces that module global, process-wide, so
+    it is called only in the aiortc server's own process (``serve_aiortc("receiver")``).
+    The rest of the pipeline - RTCP, the jitter buffer, the thread hop, the track, the
+    sender - is aiortc's, unchanged.
+    """
+    import aiortc.rtcrtpreceiver as receiver_module
+
+    stock = getattr(receiver_module, "get_decoder", None)
+    if not callable(stock) or not callable(getattr(receiver_module, "decoder_worker", None)):
+        raise BenchError("this aiortc has no rtcrtpreceiver.get_decoder to pass Opus through")
+
+    def get_decoder(codec: Any) -> Any:
+        if codec.mimeType.lower() == "audio/opus":
+            return PassthroughOpusDecoder()
+        return stock(codec)
+
+    receiver_module.get_decoder = get_decoder
+
+
+class ReceiverEchoApp(TranscodingEchoApp):
+    """aiortc's pipeline echoing the received track, with :func:`pass_opus_through` in
+    force: Opus frames go through RTCRtpReceiver and RTCRtpSender undecoded."""
+
+    async def status(self, request: Any) -> Any:
+        from aiohttp import web
+
+        response = await super().status(request)
+        view = json.loads(response.text)
+        view["frames_passed_through"] = PassthroughOpusDecoder.frames
+        return web.json_response(view)
+
+
 def serve_aiortc(kind: str, host: str = "127.0.0.1") -> None:
     """Serve until SIGTERM or end of stdin; print ``{"whip_url", "pid"}`` once listening.
+
+    ``kind``: "receiver" (:class:`ReceiverEchoApp`; patches aiortc in this process, see
+    :func:`pass_opus_through`), "tap" (setup_bench's AiortcEchoApp: RTP tapped after
+    SRTP) or "transcoding" (:class:`TranscodingEchoApp`, stock aiortc).
 
     aiortc gathers every interface's address but loopback's; here it gathers 127.0.0.1
     only, so no benchmark traffic goes to the machine's LAN address.
     """
     import aioice.ice
 
+    apps: dict[str, Callable[[], AiortcEchoApp]] = {
+        "receiver": ReceiverEchoApp,
+        "tap": AiortcEchoApp,
+        "transcoding": TranscodingEchoApp,
+    }
+    if kind == "receiver":
+        pass_opus_through()
+
     def loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
         return ["127.0.0.1"] if use_ipv4 else []
 
     aioice.ice.get_host_addresses = loopback_only
-    serve_echo_app(
-        TranscodingEchoApp if kind == "transcoding" else AiortcEchoApp, host, backlog=1024
-    )
+    serve_echo_app(apps[kind], host, backlog=1024)
 
 
 # -- the caller processes -------------------------------------------------------------------
@@ -729,6 +906,7 @@ class Series:
         self.baseline_rss: dict[str, int] = {}
         self.soak: dict[str, Any] | None = None
         self.stopped: str | None = None
+        self.search_note: str | None = None
 
     # ------------------------------------------------------------------ helpers
 
@@ -756,18 +934,24 @@ class Series:
             self.setup_records[phase].extend(records)
         return records
 
-    def _accepts(self, step: dict[str, Any]) -> bool:
-        """The capacity criteria: every call up, loss and p99 round trip under the limits."""
-        if step["live"] < step["calls"] or step["loss"] is None:
-            return False
-        if step["loss"] >= self.settings.max_loss:
-            return False
+    def _refusals(self, step: dict[str, Any]) -> list[str]:
+        """Which capacity criteria ``step`` misses (none: accepted): "calls" (not every
+        call up), "loss", "rtt" (p99 round trip) or "busy" (a transcoding server's
+        process saturated: its echo carries no send time to time)."""
+        refusals = []
+        if step["live"] < step["calls"]:
+            refusals.append("calls")
+        if step["loss"] is None or step["loss"] >= self.settings.max_loss:
+            refusals.append("loss")
         rtt = step["rtt_ms"]
         if self.system.echo_keeps_payload:
-            return rtt is not None and rtt["p99"] < self.settings.rtt_p99_ms
-        # A transcoded echo carries no send time: a process busy for most of a core stands
-        # in for the round trip (it is queueing, and its latency grows).
-        return (step["busiest_process_cores"] or 0) < SATURATED_PROCESS_CORES
+            if rtt is None or rtt["p99"] >= self.settings.rtt_p99_ms:
+                refusals.append("rtt")
+        elif (step["busiest_process_cores"] or 0) >= SATURATED_PROCESS_CORES:
+            # A process busy for most of a core stands in for the round trip (it is
+            # queueing, and its latency grows).
+            refusals.append("busy")
+        return refusals
 
     async def _window(self, calls: int, duration: float, label: str) -> dict[str, Any]:
         """One measurement window of ``duration`` s with ``calls`` calls up."""
@@ -890,7 +1074,8 @@ class Series:
             "rss_mb": {group: round(value / 2**20, 2) for group, value in rss.items()},
             "rss_kib_per_call": {group: _round(value, 1) for group, value in rss_per_call.items()},
         }
-        step["accepted"] = self._accepts(step)
+        step["refused_by"] = self._refusals(step)
+        step["accepted"] = not step["refused_by"]
         return step
 
     async def _adjust(self, calls: int, tag: str, phase: str | None) -> int:
@@ -968,9 +1153,30 @@ class Series:
                 bar.advance(1)
 
     async def _search(self) -> None:
-        """Bisect between the largest accepted step and the next refused one."""
+        """Bisect between the largest accepted step and the next refused one.
+
+        Not below the smallest step when it fails on round trip alone: that is a fixed
+        hold (aiortc's jitter buffer), which fewer calls would not shorten.
+        """
         accepted = [step["calls"] for step in self.steps if step["accepted"]]
         if not accepted:
+            first = self.steps[0] if self.steps else None
+            if first is None or not self.settings.search_steps:
+                return
+            if first["refused_by"] == ["rtt"]:
+                hold = _hold_text(self.system.echo_hold_ms)
+                self.search_note = (
+                    f"not searched below {first['calls']} calls: there every call was up and "
+                    f"loss within the limit, only the round trip failed (p99 "
+                    f"{_p99_text(first)} >= {self.settings.rtt_p99_ms:g} ms), which fewer "
+                    "calls would not shorten" + (f": {hold}" if hold else "")
+                )
+            else:
+                self.search_note = (
+                    f"not searched: the smallest step ({first['calls']} calls) already failed "
+                    f"({', '.join(first['refused_by'])})"
+                )
+            self.progress.note(f"{self.system.name}: {self.search_note}")
             return
         low = max(accepted)
         refused = [
@@ -1068,6 +1274,16 @@ class Series:
         # Memory and marginal CPU only where the server kept up: a saturated one queues
         # work (its memory balloons) and cannot spend more CPU (its cost per call shrinks).
         kept_up = [step for step in all_steps if kept_up_with(step)]
+        capacity_note = (
+            capacity["note"]
+            if capacity
+            else no_capacity_note(
+                all_steps,
+                self.settings.rtt_p99_ms,
+                self.settings.max_loss,
+                self.system.echo_hold_ms,
+            )
+        )
         rss_points = [(0.0, 0.0)] + [
             (step["live"], sum(step["rss_mb"].values()) - sum(self.baseline_rss.values()) / 2**20)
             for step in kept_up
@@ -1095,6 +1311,9 @@ class Series:
             "search": self.search,
             "stopped": self.stopped,
             "capacity": capacity,
+            "capacity_note": capacity_note,
+            "search_note": self.search_note,
+            "cpu_bound": cpu_bound(all_steps),
             "marginal_millicores_per_call": marginal,
             "memory": {
                 "baseline_rss_mb": {
@@ -1107,6 +1326,47 @@ class Series:
             },
             "soak": self.soak,
         }
+
+
+def _hold_text(hold_ms: float | None) -> str:
+    return f"its jitter buffer holds each echo ~{hold_ms:g} ms" if hold_ms else ""
+
+
+def _p99_text(step: dict[str, Any]) -> str:
+    return f"{step['rtt_ms']['p99']:.0f} ms" if step["rtt_ms"] else "not measured"
+
+
+def no_capacity_note(
+    steps: Sequence[dict[str, Any]], rtt_limit: float, max_loss: float, hold_ms: float | None
+) -> str:
+    """Why no call count was within the limits, from the smallest step (sorted by calls)."""
+    if not steps:
+        return "no step was measured"
+    first = steps[0]
+    if first["refused_by"] == ["rtt"]:
+        hold = _hold_text(hold_ms)
+        return (
+            f"none within p99 < {rtt_limit:g} ms"
+            + (f" ({hold})" if hold else "")
+            + f": p99 {_p99_text(first)} already at {first['calls']} calls, with every call "
+            f"up and loss under {max_loss:.1%}"
+        )
+    return f"none of the counts tried ({', '.join(first['refused_by'])} at {first['calls']} calls)"
+
+
+def cpu_bound(steps: Sequence[dict[str, Any]]) -> dict[str, Any] | None:
+    """Calls one core would carry at the CPU per call of the largest step the server kept
+    up with (else the largest step), whatever its round trip: a server whose echo is held
+    for a fixed time has no capacity under a round trip limit, but still a CPU cost."""
+    kept_up = [step for step in steps if kept_up_with(step)]
+    step = max(kept_up or steps, key=lambda s: s["calls"], default=None)
+    if step is None or not step["server_millicores_per_call"]:
+        return None
+    return {
+        "at_calls": step["calls"],
+        "kept_up": bool(kept_up),
+        "calls_per_core": _round(1000 / step["server_millicores_per_call"], 1),
+    }
 
 
 # -- comparisons ----------------------------------------------------------------------------
@@ -1140,14 +1400,23 @@ def _reference_step(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[dict,
 
 
 def compare(ours: dict[str, Any], theirs: dict[str, Any], mode: str) -> dict[str, Any]:
-    """voxrelay beside its baseline: CPU and memory per call, like for like and in total."""
+    """voxrelay beside a baseline: CPU and memory per call, like for like and in total.
+
+    The targets' verdicts ("pass") are given against the target baseline only; against a
+    reference baseline (aiortc-tap) they are None, the ratios informational.
+    """
     reference = _reference_step(ours, theirs)
     target_cpu = (
         TARGET_PASSTHROUGH_CPU_RATIO if mode == "passthrough" else TARGET_TRANSCODING_CPU_RATIO
     )
+    role = theirs["system"].get("baseline_role") or "target"
+    verdict = role == "target"
     result: dict[str, Any] = {
         "mode": mode,
         "voxrelay": ours["system"]["mode"],
+        "baseline_server": theirs["system"].get("name"),
+        "role": role,
+        "informational": not verdict,
         "baseline": theirs["system"]["echo"],
         "transcodes": {
             "voxrelay": ours["system"]["transcodes"],
@@ -1197,8 +1466,10 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any], mode: str) -> dict[str
                 "all_processes": _round(cpu_total, 2),
                 "transceiver_and_backend": _round(with_backend, 2),
                 "target_at_least": target_cpu,
-                "pass": cpu_like is not None and cpu_like >= target_cpu,
-                "pass_all_processes": cpu_total is not None and cpu_total >= target_cpu,
+                "pass": (cpu_like is not None and cpu_like >= target_cpu) if verdict else None,
+                "pass_all_processes": (
+                    (cpu_total is not None and cpu_total >= target_cpu) if verdict else None
+                ),
             },
             "marginal_millicores_per_call": {
                 "voxrelay_transceiver": ours_marginal.get(like) if like else None,
@@ -1216,7 +1487,11 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any], mode: str) -> dict[str
                 "ratio_transceiver": _round(memory_like, 3),
                 "ratio_all_processes": _round(memory_total, 3),
                 "target_at_most": TARGET_MEMORY_RATIO,
-                "pass": memory_like is not None and memory_like <= TARGET_MEMORY_RATIO,
+                "pass": (
+                    (memory_like is not None and memory_like <= TARGET_MEMORY_RATIO)
+                    if verdict
+                    else None
+                ),
             },
         }
     )
@@ -1251,9 +1526,12 @@ def build_report(
     for mode in settings.modes:
         of_mode = [r for r in results.values() if r["system"]["mode"] == mode]
         ours = next((r for r in of_mode if not r["system"]["is_baseline"]), None)
-        theirs = next((r for r in of_mode if r["system"]["is_baseline"]), None)
-        if ours is not None and theirs is not None:
-            comparisons.append(compare(ours, theirs, mode))
+        baselines = sorted(
+            (r for r in of_mode if r["system"]["is_baseline"]),
+            key=lambda r: r["system"].get("baseline_role") != "target",  # the target first
+        )
+        if ours is not None:
+            comparisons.extend(compare(ours, theirs, mode) for theirs in baselines)
     all_steps = [s for r in results.values() for s in r["steps"] + r["search"]]
     shares = [s["callers"]["share_of_all_cpu"] for s in all_steps]
     shares = [share for share in shares if share is not None]
@@ -1262,6 +1540,7 @@ def build_report(
     )
     return {
         **report_header("voxrelay bench sessions"),
+        "schema_version": SCHEMA_VERSION,
         "settings": settings.as_dict(),
         "servers": results,
         "comparisons": comparisons,
@@ -1291,6 +1570,13 @@ def build_report(
             "are added in 'all processes'. The callers are measured apart.",
             "memory per call: least-squares slope of resident memory (RSS) over live calls, "
             "from the baseline before the ramp through each step.",
+            "baselines: 'aiortc' (passthrough) is aiortc's full receive and send pipeline "
+            "(RTCRtpReceiver with its jitter buffer and decoder thread, the track, "
+            "RTCRtpSender) with Opus passed through undecoded - the targets' verdicts are "
+            "against it; its jitter buffer holds each echo ~80 ms, so its round trip fails the "
+            "p99 limit at every count, but it keeps up and its CPU and memory per call compare. "
+            "'aiortc-tap' skips the receiver, jitter buffer and decoder thread (RTP tapped "
+            "after SRTP): a reference, no verdict. 'aiortc-stock' (pcm) decodes and re-encodes.",
             "the machine may be shared with other work: compare servers within this run only.",
         ],
     }
@@ -1305,6 +1591,11 @@ def _transcodes(flag: bool) -> str:
 
 def _verdict(passed: bool | None) -> str:
     return {True: "PASS", False: "MISS", None: ""}[passed]
+
+
+def _target_text(target: str, passed: bool | None, relation: str) -> str:
+    """The verdict in brackets, e.g. (target >= 5x PASS); nothing for a reference baseline."""
+    return "" if passed is None else f" (target{relation}{target} {_verdict(passed)})"
 
 
 def render_table(data: dict[str, Any]) -> str:
@@ -1342,6 +1633,12 @@ def render_table(data: dict[str, Any]) -> str:
             )
         if result["stopped"]:
             lines.append(f"{'':<14}{result['stopped']}")
+        if result.get("search_note"):
+            lines.append(f"{'':<14}{result['search_note']}")
+    lines += ["", "servers"]
+    for name, result in data["servers"].items():
+        role = result["system"].get("baseline_role")
+        lines.append(f"  {name:<14}{result['system']['echo']}" + (f" [{role}]" if role else ""))
     lines += ["", "setup, ms after the offer POST: p50 / p95 / p99 (calls ok/total)"]
     for name, result in data["servers"].items():
         for phase in PHASES:
@@ -1362,13 +1659,20 @@ def render_table(data: dict[str, Any]) -> str:
     for name, result in data["servers"].items():
         capacity = result["capacity"]
         money = data["cost"].get(name)
-        cap_text = "none of the counts tried"
         if capacity:
             cap_text = (
                 f"{'' if capacity['bounded'] else '>= '}{capacity['calls']} calls, "
                 f"{fmt(capacity['calls_per_server_core'], '.0f')} calls per core used "
                 f"({fmt(capacity['server_cores_used'], '.2f')} cores)"
             )
+        else:
+            cap_text = result.get("capacity_note") or "none of the counts tried"
+            bound = result.get("cpu_bound")
+            if bound:
+                cap_text += (
+                    f"; CPU-bound {fmt(bound['calls_per_core'], '.0f')} calls per core (at "
+                    f"{bound['at_calls']} calls{'' if bound['kept_up'] else ', not kept up'})"
+                )
         cost_text = ""
         if money:
             cost_text = (
@@ -1382,10 +1686,13 @@ def render_table(data: dict[str, Any]) -> str:
         cpu, memory = comparison["cpu_advantage"], comparison["memory_per_call_kib"]
         mc = comparison["millicores_per_call"]
         marginal = comparison["marginal_millicores_per_call"]
+        them = comparison.get("baseline_server") or "aiortc"
         lines += [
             "",
-            f"{comparison['mode']} at {comparison['reference_calls']} calls: voxrelay "
-            f"{_transcodes(comparison['transcodes']['voxrelay'])}, baseline "
+            f"{comparison['mode']} at {comparison['reference_calls']} calls, voxrelay vs "
+            f"{them}"
+            + (" (REFERENCE only: no verdict)" if comparison.get("informational") else "")
+            + f": voxrelay {_transcodes(comparison['transcodes']['voxrelay'])}, {them} "
             f"{_transcodes(comparison['transcodes']['baseline'])}"
             + (
                 ""
@@ -1394,24 +1701,25 @@ def render_table(data: dict[str, Any]) -> str:
                 "server's CPU per call is capped, so its ratio is a lower bound"
             ),
             f"  CPU per call, millicores: transceiver {fmt(mc['voxrelay_transceiver'], '.2f')}, "
-            f"all voxrelay processes {fmt(mc['voxrelay_all_processes'], '.2f')}, aiortc "
+            f"all voxrelay processes {fmt(mc['voxrelay_all_processes'], '.2f')}, {them} "
             f"{fmt(mc['baseline'], '.2f')}",
             f"  marginal (slope over the steps): transceiver "
             f"{fmt(marginal['voxrelay_transceiver'], '.2f')}, all "
-            f"{fmt(marginal['voxrelay_all_processes'], '.2f')}, aiortc "
+            f"{fmt(marginal['voxrelay_all_processes'], '.2f')}, {them} "
             f"{fmt(marginal['baseline'], '.2f')}",
-            f"  aiortc / voxrelay: transceiver {fmt(cpu['transceiver'], '.1f')}x "
-            f"(target >= {cpu['target_at_least']:g}x {_verdict(cpu['pass'])}), all processes "
-            f"{fmt(cpu['all_processes'], '.1f')}x {_verdict(cpu['pass_all_processes'])}"
+            f"  {them} / voxrelay: transceiver {fmt(cpu['transceiver'], '.1f')}x"
+            + _target_text(f"{cpu['target_at_least']:g}x", cpu["pass"], " >= ")
+            + f", all processes {fmt(cpu['all_processes'], '.1f')}x"
+            + (f" {_verdict(cpu['pass_all_processes'])}" if cpu["pass"] is not None else "")
             + (
                 f", transceiver + backend {fmt(cpu['transceiver_and_backend'], '.1f')}x"
                 if cpu["transceiver_and_backend"] is not None
                 else ""
             ),
             f"  memory per call, KiB: transceiver {fmt(memory['voxrelay_transceiver'], '.0f')}, "
-            f"aiortc {fmt(memory['baseline'], '.0f')}; ratio "
-            f"{fmt(memory['ratio_transceiver'], '.2f')} (target <= "
-            f"{memory['target_at_most']:g} {_verdict(memory['pass'])})",
+            f"{them} {fmt(memory['baseline'], '.0f')}; ratio "
+            f"{fmt(memory['ratio_transceiver'], '.2f')}"
+            + _target_text(f"{memory['target_at_most']:g}", memory["pass"], " <= "),
         ]
     callers = data["callers"]
     lines += [
@@ -1458,8 +1766,20 @@ def render_markdown(data: dict[str, Any]) -> str:
         "(idle / load / herd) | mc per call | KiB per call | $ per 1k call-min |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
+    notes = []
     for name, result in data["servers"].items():
         capacity = result["capacity"] or {}
+        capacity_cell = (
+            f"{'' if capacity.get('bounded', True) else '≥'}{capacity['calls']}"
+            if capacity
+            else "none *"
+        )
+        per_core = fmt(capacity.get("calls_per_server_core"), ".0f")
+        bound = result.get("cpu_bound")
+        if not capacity and bound:
+            per_core = f"{fmt(bound['calls_per_core'], '.0f')} (CPU-bound) *"
+        if not capacity:
+            notes.append(f"\\* {name}: {result.get('capacity_note') or 'no capacity'}.")
         steps = [x for x in result["steps"] + result["search"] if x["accepted"]] or result["steps"]
         step = max(steps, key=lambda x: x["calls"]) if steps else {}
         rtt = step.get("rtt_ms") or {}
@@ -1468,28 +1788,46 @@ def render_markdown(data: dict[str, Any]) -> str:
         )
         money = data["cost"].get(name) or {}
         like = result["system"]["like_for_like_group"]
+        echo = result["system"].get("echo_short") or (
+            "transcodes" if result["system"]["transcodes"] else "passthrough"
+        )
         rows.append(
-            f"| {name} | {'transcodes' if result['system']['transcodes'] else 'passthrough'} | "
-            f"{'' if capacity.get('bounded', True) else '≥'}"
-            f"{capacity.get('calls', '-')} | {fmt(capacity.get('calls_per_server_core'), '.0f')}"
+            f"| {name} | {echo} | {capacity_cell} | {per_core}"
             f" | {fmt(rtt.get('p50'), '.2f')} / {fmt(rtt.get('p99'), '.2f')} | {setups} | "
             f"{fmt(step.get('server_millicores_per_call'), '.2f')} | "
             f"{fmt(result['memory']['like_for_like_kib_per_call_slope'] if like else None, '.0f')}"
             f" | {fmt(money.get('usd_per_1000_call_minutes'), '.4f')} |"
         )
+    if notes:
+        rows += ["", *notes]
+    rows += [""] + [
+        f"- {name}: {result['system']['echo']}." for name, result in data["servers"].items()
+    ]
     for comparison in data["comparisons"]:
         if comparison.get("reference_calls") is None:
             continue
         cpu, memory = comparison["cpu_advantage"], comparison["memory_per_call_kib"]
+        them = comparison.get("baseline_server") or "aiortc"
         rows.append("")
         rows.append(
-            f"{comparison['mode']}: aiortc uses {fmt(cpu['transceiver'], '.1f')}x the CPU per "
+            f"{comparison['mode']}"
+            + (" (for reference only, no verdict)" if comparison.get("informational") else "")
+            + f": {them} uses {fmt(cpu['transceiver'], '.1f')}x the CPU per "
             f"call of the voxrelay transceiver ({fmt(cpu['all_processes'], '.1f')}x of all "
-            f"voxrelay "
-            f"processes; target ≥{cpu['target_at_least']:g}x, {_verdict(cpu['pass'])}) and "
-            f"voxrelay {fmt(memory['ratio_transceiver'], '.2f')}x aiortc's memory per call "
-            f"(target ≤{memory['target_at_most']:g}, {_verdict(memory['pass'])}), at "
-            f"{comparison['reference_calls']} calls"
+            "voxrelay processes"
+            + (
+                f"; target ≥{cpu['target_at_least']:g}x, {_verdict(cpu['pass'])}"
+                if cpu["pass"] is not None
+                else ""
+            )
+            + f") and voxrelay {fmt(memory['ratio_transceiver'], '.2f')}x {them}'s memory per "
+            "call"
+            + (
+                f" (target ≤{memory['target_at_most']:g}, {_verdict(memory['pass'])})"
+                if memory["pass"] is not None
+                else ""
+            )
+            + f", at {comparison['reference_calls']} calls"
             + (
                 "."
                 if comparison["reference_kept_up"]
@@ -1746,11 +2084,14 @@ def _systems(
                 system.processes["backend"] = [backend.process.pid]
         progress.note(f"{system.name}: {system.whip_url} (processes {system.processes})")
         yield system
-    if settings.baseline == "aiortc":
+    running = aiortc_baselines(settings.baselines, mode)
+    for option in set(settings.baselines) - {b.option for b in running}:
+        progress.note(f"{option}: not run in {mode} mode (passthrough only)")
+    for baseline in running:
         with contextlib.ExitStack() as own:
-            server = AiortcServerProcess("passthrough" if mode == "passthrough" else "transcoding")
+            server = AiortcServerProcess(baseline.kind)
             own.callback(server.close)
-            system = aiortc_system(server, mode)
+            system = aiortc_system(baseline, server.info["whip_url"], server.process.pid)
             progress.note(f"{system.name}: {system.whip_url} (pid {server.process.pid})")
             yield system
 
@@ -1795,6 +2136,30 @@ def run_benchmark(settings: SessionsSettings, out: Path | None, command: str) ->
     return data
 
 
+def parse_baselines(value: str) -> tuple[str, ...]:
+    """``--baseline``: "none", or a comma list of BASELINES (each once); in BASELINES order.
+
+    Raises ValueError saying what is accepted.
+    """
+    names = [part.strip().lower() for part in value.split(",")]
+    if names == ["none"]:
+        return ()
+    expected = f"none, {', '.join(BASELINES)}, or a comma list such as {','.join(BASELINES)}"
+    unknown = [name for name in names if name not in BASELINES]
+    if unknown:
+        raise ValueError(f"unknown baseline {unknown[0]!r}: expected {expected}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"a baseline is named twice in {value!r}: expected {expected}")
+    return tuple(name for name in BASELINES if name in names)
+
+
+def _baseline_list(ctx: click.Context, param: click.Parameter, value: str) -> tuple[str, ...]:
+    try:
+        return parse_baselines(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 def _calls_list(
     ctx: click.Context, param: click.Parameter, value: str | None
 ) -> tuple[int, ...] | None:
@@ -1833,10 +2198,15 @@ def _calls_list(
 )
 @click.option(
     "--baseline",
-    type=click.Choice(["none", "aiortc"]),
+    "baselines",
     default="none",
     show_default=True,
-    help="Also run an aiortc echo server under the same callers.",
+    callback=_baseline_list,
+    metavar="none|aiortc|aiortc-tap[,...]",
+    help="Also run aiortc echo servers under the same callers: aiortc (passthrough: "
+    "aiortc's receiver, jitter buffer and sender with Opus passed through, the targets' "
+    "baseline; pcm: stock aiortc, transcoding), aiortc-tap (passthrough only: RTP tapped "
+    "after SRTP, a reference), or both, comma-separated.",
 )
 @click.option(
     "--mode",
@@ -1845,7 +2215,7 @@ def _calls_list(
     show_default=True,
     help="passthrough: echo without transcoding; pcm: the "
     "transceiver transcodes for a PCM WebSocket backend (baseline: stock "
-    "aiortc).",
+    "aiortc, aiortc-stock in the report).",
 )
 @click.option(
     "--target",
@@ -1943,7 +2313,7 @@ def sessions_command(
     calls: tuple[int, ...],
     pcm_calls: tuple[int, ...] | None,
     duration: float,
-    baseline: str,
+    baselines: tuple[str, ...],
     mode: str,
     target: str | None,
     token: str | None,
@@ -1966,20 +2336,26 @@ def sessions_command(
     """Whole calls under load: setup time, round trip, loss, CPU and memory per call.
 
     Sans-IO callers (several processes, many calls each) do WHIP, ICE, DTLS and SRTP, send
-    Opus-sized packets at 50/s and time the echo, stepping through --calls; with --baseline
-    aiortc, an aiortc echo server is measured the same way in the same run. Prints progress
-    and a table; --out writes JSON, a Markdown table and PNG plots.
+    Opus-sized packets at 50/s and time the echo, stepping through --calls; with --baseline,
+    aiortc echo servers are measured the same way in the same run. Prints progress and a
+    table; --out writes JSON, a Markdown table and PNG plots.
     """
     modes = MODES if mode == "both" else (mode,)
     if target and "pcm" in modes:
         raise click.BadParameter(
             "pcm mode starts its own fleet; drop --target", param_hint="--mode"
         )
+    if baselines and not any(aiortc_baselines(baselines, m) for m in modes):
+        raise click.BadParameter(
+            f"{','.join(baselines)} runs in passthrough mode only; use --baseline aiortc "
+            "(stock aiortc) with --mode pcm",
+            param_hint="--baseline",
+        )
     settings = SessionsSettings(
         calls=calls,
         pcm_calls=pcm_calls or calls,
         duration=duration,
-        baseline=None if baseline == "none" else baseline,
+        baselines=baselines,
         modes=modes,
         target=target,
         token=token,
@@ -2016,9 +2392,10 @@ def _quote(argument: str) -> str:
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["aiortc-server"] and sys.argv[2:] in (["passthrough"], ["transcoding"]):
+    if len(sys.argv) == 3 and sys.argv[1] == "aiortc-server" and sys.argv[2] in AIORTC_SERVER_KINDS:
         serve_aiortc(sys.argv[2])
     else:
         sys.exit(
-            "usage: python -m voxrelay.bench.sessions_bench aiortc-server passthrough|transcoding"
+            "usage: python -m voxrelay.bench.sessions_bench aiortc-server "
+            + "|".join(AIORTC_SERVER_KINDS)
         )

@@ -11,6 +11,7 @@ full-ICE peer needs, and that a benchmark on loopback never dials a LAN address.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 import random
@@ -18,17 +19,22 @@ import struct
 import subprocess
 import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import av
 import psutil
 import pytest
+from aiohttp import ClientSession
 from aioice import stun
 from click.testing import CliRunner
 
 from voxrelay.bench.callers import (
     MAGIC,
     TRAILER,
+    CallerProcess,
     _loopback_candidates_only,
     binding_response,
     histogram_percentile,
@@ -39,19 +45,34 @@ from voxrelay.bench.callers import (
 )
 from voxrelay.bench.sessions_bench import (
     MILESTONES,
+    AiortcServerProcess,
+    CallerPool,
+    Progress,
+    Series,
+    SessionsSettings,
+    System,
+    aiortc_baselines,
+    aiortc_system,
+    build_report,
     linear_slope,
     merge_windows,
+    parse_baselines,
+    plot_cost,
+    render_markdown,
+    render_table,
     sessions_command,
 )
+from voxrelay.proto.dtls import generate_certificate
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-PASSTHROUGH = ("voxrelay", "aiortc")
+PASSTHROUGH = ("voxrelay", "aiortc", "aiortc-tap")
 TRANSCODING = ("voxrelay-pcm", "aiortc-stock")
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(200)
 def test_bench_sessions_runs_both_modes_beside_aiortc_and_cleans_up(tmp_path: Path) -> None:
+    """Both modes, both passthrough baselines (aiortc's receiver pipeline and the RTP tap)."""
     out = tmp_path / "out"
     result = subprocess.run(
         [
@@ -60,7 +81,8 @@ def test_bench_sessions_runs_both_modes_beside_aiortc_and_cleans_up(tmp_path: Pa
             "voxrelay",
             "bench",
             "sessions",
-            *("--calls", "3,6", "--duration", "2", "--baseline", "aiortc", "--mode", "both"),
+            *("--calls", "3,6", "--duration", "2", "--mode", "both"),
+            *("--baseline", "aiortc,aiortc-tap"),
             *("--idle-calls", "2", "--herd-calls", "3", "--search-steps", "1"),
             *("--soak", "2", "--soak-interval", "1", "--vcpu-hour-usd", "0.04"),
             *("--out", str(out)),
@@ -73,7 +95,8 @@ def test_bench_sessions_runs_both_modes_beside_aiortc_and_cleans_up(tmp_path: Pa
 
     data = json.loads((out / "sessions.json").read_text())
     assert data["benchmark"] == "voxrelay bench sessions"
-    assert data["schema_version"] == 1
+    assert data["schema_version"] == 2
+    assert data["settings"]["baselines"] == ["aiortc", "aiortc-tap"]
     assert data["settings"]["calls"] == [3, 6]
     assert set(data["servers"]) == {*PASSTHROUGH, *TRANSCODING}
 
@@ -81,6 +104,7 @@ def test_bench_sessions_runs_both_modes_beside_aiortc_and_cleans_up(tmp_path: Pa
         system = server["system"]
         assert system["transcodes"] == (name in TRANSCODING)
         assert system["is_baseline"] == name.startswith("aiortc")
+        assert system["name"] == name
         assert [step["calls"] for step in server["steps"]] == [3, 6], server["stopped"]
         for step in server["steps"]:
             assert step["live"] == step["calls"]
@@ -119,32 +143,57 @@ def test_bench_sessions_runs_both_modes_beside_aiortc_and_cleans_up(tmp_path: Pa
         "backend",
     }
     assert len(vox["soak"]["samples"]) == 2
-    assert all(data["servers"][name]["soak"] is None for name in ("aiortc", *TRANSCODING))
+    assert all(
+        data["servers"][name]["soak"] is None for name in ("aiortc", "aiortc-tap", *TRANSCODING)
+    )
+    kinds = {name: s["system"].get("server_kind") for name, s in data["servers"].items()}
+    assert kinds == {
+        "voxrelay": None,
+        "aiortc": "receiver",
+        "aiortc-tap": "tap",
+        "voxrelay-pcm": None,
+        "aiortc-stock": "transcoding",
+    }
 
-    comparisons = {c["mode"]: c for c in data["comparisons"]}
-    assert set(comparisons) == {"passthrough", "pcm"}
-    assert comparisons["passthrough"]["transcodes"] == {"voxrelay": False, "baseline": False}
-    assert comparisons["pcm"]["transcodes"] == {"voxrelay": True, "baseline": True}
-    for comparison in comparisons.values():
+    comparisons = {(c["mode"], c["baseline_server"]): c for c in data["comparisons"]}
+    assert list(comparisons) == [
+        ("passthrough", "aiortc"),  # the verdict's baseline comes first
+        ("passthrough", "aiortc-tap"),
+        ("pcm", "aiortc-stock"),
+    ]
+    assert comparisons["passthrough", "aiortc"]["transcodes"] == {
+        "voxrelay": False,
+        "baseline": False,
+    }
+    assert comparisons["pcm", "aiortc-stock"]["transcodes"] == {"voxrelay": True, "baseline": True}
+    for key, comparison in comparisons.items():
         assert comparison["cpu_advantage"]["transceiver"] > 0
-        assert isinstance(comparison["cpu_advantage"]["pass"], bool)
-        assert isinstance(comparison["memory_per_call_kib"]["pass"], bool)
-    assert comparisons["pcm"]["cpu_advantage"]["transceiver_and_backend"] > 0
+        reference = key[1] == "aiortc-tap"
+        assert comparison["informational"] == reference
+        assert comparison["role"] == ("reference" if reference else "target")
+        for verdict in (
+            comparison["cpu_advantage"]["pass"],
+            comparison["memory_per_call_kib"]["pass"],
+        ):
+            assert verdict is None if reference else isinstance(verdict, bool)
+    assert comparisons["pcm", "aiortc-stock"]["cpu_advantage"]["transceiver_and_backend"] > 0
     assert data["callers"]["processes"] == 2
     assert 0 < data["callers"]["max_share_of_all_cpu"] < 1
 
     for png in ("sessions_setup", "sessions_load", "sessions_cpu_memory", "sessions_soak"):
         assert (out / f"{png}.png").read_bytes().startswith(PNG_MAGIC), png
     markdown = (out / "sessions.md").read_text()
-    assert "| voxrelay |" in markdown and "| aiortc-stock |" in markdown
+    for name in (*PASSTHROUGH, *TRANSCODING):
+        assert f"| {name} |" in markdown
     assert "voxrelay bench sessions --calls 3,6" in markdown
     assert "mc/call" in result.stdout and ("PASS" in result.stdout or "MISS" in result.stdout)
+    assert "voxrelay vs aiortc-tap (REFERENCE only: no verdict)" in result.stdout
     assert "voxrelay: 6 calls" in result.stderr  # the progress bars
 
     # Nothing left running: fleets, backend, aiortc servers and callers are gone.
     pids = [p for s in data["servers"].values() for g in s["system"]["pids"].values() for p in g]
     pids += data["callers"]["pids"]
-    assert len(pids) == 3 + 1 + 4 + 1 + 2
+    assert len(pids) == 3 + 1 + 1 + 4 + 1 + 2
     deadline = time.monotonic() + 10
     while [pid for pid in pids if _running(pid)] and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -306,3 +355,289 @@ def test_trailer_layout_is_stable() -> None:
     """The trailer is the last bytes of the payload: magic, sequence, send time."""
     assert TRAILER.size == 20
     assert struct.unpack("!4sQQ", TRAILER.pack(MAGIC, 1, 2)) == (MAGIC, 1, 2)
+
+
+# -- the like-for-like aiortc baseline: aiortc's receiver pipeline, Opus passed through -----
+
+
+def _settings(**overrides: Any) -> SessionsSettings:
+    values: dict[str, Any] = {
+        "calls": (2, 4),
+        "pcm_calls": (2, 4),
+        "duration": 1.5,
+        "baselines": ("aiortc",),
+        "modes": ("passthrough",),
+        "target": None,
+        "token": None,
+        "caller_processes": 1,
+        "ramp_rate": 50.0,
+        "idle_calls": 1,
+        "herd_calls": 0,
+        "rtt_p99_ms": 50.0,
+        "max_loss": 0.001,
+        "search_steps": 2,
+        "soak": 0.0,
+        "soak_calls": 2,
+        "soak_interval": 10.0,
+        "call_timeout": 10.0,
+        "vcpu_hour_usd": 0.04,
+        "transceivers": 1,
+        "workers": 1,
+    }
+    values.update(overrides)
+    return SessionsSettings(**values)
+
+
+@pytest.fixture(scope="module")
+def receiver_server() -> Iterator[AiortcServerProcess]:
+    server = AiortcServerProcess("receiver")
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def _receiver_system(server: AiortcServerProcess) -> System:
+    (baseline,) = aiortc_baselines(("aiortc",), "passthrough")
+    return aiortc_system(baseline, server.info["whip_url"], server.process.pid)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+def test_receiver_baseline_echoes_every_payload_byte_for_byte(
+    receiver_server: AiortcServerProcess,
+) -> None:
+    """RTCRtpReceiver (jitter buffer, decoder thread with the decoder swapped), the track,
+    RTCRtpSender: what the caller hears is exactly what it sent, and every echo went
+    through the swapped decoder (no Opus decode or encode)."""
+
+    async def two_calls() -> tuple[CallerProcess, list[dict], list[bytes]]:
+        process = CallerProcess(generate_certificate(time.time()))
+        echoes: list[bytes] = []
+        count_echo = process._echo
+
+        def keep_echo(call: Any, payload: bytes, now: float, arrival_ns: int) -> None:
+            echoes.append(bytes(payload))
+            count_echo(call, payload, now, arrival_ns)
+
+        process._echo = keep_echo  # type: ignore[method-assign]
+        async with ClientSession() as http:
+            process.http = http
+            process.start_ticking()
+            try:
+                dialed = await process.dial(receiver_server.info["whip_url"], 2, 0, "t", 10, None)
+                await asyncio.sleep(1.5)
+            finally:
+                await process.hang_up(None, delete=True)
+                if process._tick_handle is not None:
+                    process._tick_handle.cancel()
+        return process, dialed["calls"], echoes
+
+    process, calls, echoes = asyncio.run(two_calls())
+    assert [call["ok"] for call in calls] == [True, True], calls
+    assert echoes
+    for payload in echoes:
+        trailer = read_trailer(payload)
+        assert trailer is not None, payload.hex()
+        sequence, sent_ns = trailer
+        sent = process.prefixes[sequence % len(process.prefixes)] + TRAILER.pack(
+            MAGIC, sequence, sent_ns
+        )
+        assert payload == sent
+    status_url = receiver_server.info["whip_url"].removesuffix("/whip") + "/status"
+    with urllib.request.urlopen(status_url, timeout=5) as response:
+        status = json.load(response)
+    assert status["frames_passed_through"] >= len(echoes)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(90)
+def test_receiver_baseline_keeps_up_and_is_not_searched_below_its_jitter_buffer(
+    receiver_server: AiortcServerProcess, tmp_path: Path
+) -> None:
+    """The benchmark's own series against it: intact echoes counted at every step, the
+    ramp not stopped by the round trip, and no capacity search below the first step.
+
+    The p99 limit here is 20 ms: aiortc's audio jitter buffer releases a packet only once
+    four later ones have come, which the caller sends 20 ms apart, so every echo is held
+    for about 80 ms whatever the load - an order, not a timing.
+    """
+    settings = _settings(rtt_p99_ms=20.0, max_loss=0.05)
+
+    async def run() -> dict[str, Any]:
+        pool = CallerPool(1, tmp_path / "callers.log")
+        try:
+            await pool.start()
+            series = Series(
+                _receiver_system(receiver_server), pool, settings, Progress(enabled=False)
+            )
+            await series.run(soak=False)
+            await pool.hang_up()
+            return series.summary()
+        finally:
+            await pool.close()
+
+    summary = asyncio.run(run())
+    assert summary["system"]["server_kind"] == "receiver"
+    assert summary["system"]["baseline_role"] == "target"
+    assert [step["calls"] for step in summary["steps"]] == [2, 4], summary["stopped"]
+    assert summary["stopped"] is None
+    for step in summary["steps"]:
+        assert step["live"] == step["calls"]
+        assert step["echoes_intact"] > 0 and step["echoes_transcoded"] == 0
+        assert step["received"] == step["echoes_intact"] <= step["sent"]
+        assert step["loss"] < 0.05
+        assert step["refused_by"] == ["rtt"] and not step["accepted"]
+    assert summary["setup"]["idle"]["ok"] == 1
+    assert summary["search"] == []
+    assert "not searched below 2 calls" in summary["search_note"]
+    assert "its jitter buffer holds each echo ~80 ms" in summary["search_note"]
+    assert summary["capacity"] is None
+    assert summary["capacity_note"].startswith(
+        "none within p99 < 20 ms (its jitter buffer holds each echo ~80 ms)"
+    )
+    assert summary["cpu_bound"]["at_calls"] == 4 and summary["cpu_bound"]["calls_per_core"] > 0
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("none", ()),
+        ("aiortc", ("aiortc",)),
+        ("aiortc-tap", ("aiortc-tap",)),
+        ("aiortc-tap, aiortc", ("aiortc", "aiortc-tap")),
+        ("AIORTC", ("aiortc",)),
+    ],
+)
+def test_baseline_is_none_one_or_a_comma_list(value: str, expected: tuple[str, ...]) -> None:
+    assert parse_baselines(value) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["aiortc,aiortc", "stock", "", "none,aiortc", "aiortc,", "aiortc;aiortc-tap"],
+    ids=["twice", "unknown", "empty", "none-and-one", "trailing-comma", "semicolon"],
+)
+def test_baseline_refuses_anything_else(value: str) -> None:
+    with pytest.raises(ValueError, match="expected none, aiortc, aiortc-tap"):
+        parse_baselines(value)
+    result = CliRunner().invoke(sessions_command, ["--baseline", value])
+    assert result.exit_code == 2
+    assert "--baseline" in result.output
+
+
+def test_the_tap_baseline_is_passthrough_only() -> None:
+    result = CliRunner().invoke(sessions_command, ["--baseline", "aiortc-tap", "--mode", "pcm"])
+    assert result.exit_code == 2
+    assert "passthrough mode only" in result.output
+    assert [b.name for b in aiortc_baselines(("aiortc", "aiortc-tap"), "pcm")] == ["aiortc-stock"]
+
+
+def _summary(
+    system: System, settings: SessionsSettings, steps: list[tuple[int, float, float, float]]
+) -> dict[str, Any]:
+    """A series' summary from synthetic windows: (calls, cores of the like-for-like group,
+    KiB per call it added, p99 ms) each, 2 s long, no packet lost."""
+    series = Series(system, None, settings, Progress(enabled=False))  # type: ignore[arg-type]
+    base = 50 * 2**20
+    series.baseline_rss = {group: base for group in system.processes}
+    for calls, cores, kib_per_call, p99 in steps:
+        rtt = {"p50": p99 / 2, "p95": p99, "p99": p99, "mean": p99 / 2, "min": 0.1, "max": p99}
+        merged = {"sent": calls * 100, "echoed": calls * 100, "reordered": 0, "foreign": 0}
+        merged |= {"late_ticks": 0, "rtt_ms": rtt, "live": calls}
+        groups = list(system.processes)
+        step = series._step(
+            calls,
+            2.0,
+            merged,
+            dict.fromkeys(groups, 0.0),
+            {g: (cores if g == system.like_for_like else 0.01) * 2.0 for g in groups},
+            [0.0],
+            [0.2],
+            {
+                g: base + (kib_per_call * 1024 * calls if g == system.like_for_like else 0)
+                for g in groups
+            },
+            30 * 2**20,
+        )
+        step["contention"] = dict.fromkeys(
+            ("server_wait_cores", "callers_wait_cores", "machine_cpu_pressure")
+        )
+        series.steps.append(step)
+    return series.summary()
+
+
+def test_the_verdict_is_against_aiortcs_receiver_and_the_tap_is_a_reference(
+    tmp_path: Path,
+) -> None:
+    """aiortc (receiver) fails the round trip limit at every step - its jitter buffer - yet
+    kept up: its CPU and memory per call are compared at the largest common count."""
+    settings = _settings(calls=(25, 50), baselines=("aiortc", "aiortc-tap"))
+    receiver, tap = aiortc_baselines(settings.baselines, "passthrough")
+    url = "http://127.0.0.1:9/whip"
+    voxrelay = System(
+        name="voxrelay",
+        mode="passthrough",
+        whip_url=url,
+        processes={"transceiver": [1], "relay": [2]},
+        like_for_like="transceiver",
+        transcodes=False,
+        echo="in-process echo backend",
+    )
+    results = {  # the reference first: the order of the runs must not pick the verdict
+        "aiortc-tap": _summary(
+            aiortc_system(tap, url, 3), settings, [(25, 0.1, 100, 3), (50, 0.2, 100, 4)]
+        ),
+        "voxrelay": _summary(voxrelay, settings, [(25, 0.025, 10, 1), (50, 0.05, 10, 2)]),
+        "aiortc": _summary(
+            aiortc_system(receiver, url, 4), settings, [(25, 0.25, 200, 95), (50, 0.5, 200, 97)]
+        ),
+    }
+    data = build_report(settings, results, [5])
+    data["command"] = "voxrelay bench sessions --baseline aiortc,aiortc-tap"
+    assert data["schema_version"] == 2
+
+    target, reference = data["comparisons"]
+    assert (target["baseline_server"], target["role"], target["informational"]) == (
+        "aiortc",
+        "target",
+        False,
+    )
+    assert (reference["baseline_server"], reference["role"], reference["informational"]) == (
+        "aiortc-tap",
+        "reference",
+        True,
+    )
+    for comparison in (target, reference):
+        assert comparison["reference_calls"] == 50 and comparison["reference_kept_up"]
+    assert target["millicores_per_call"]["baseline"] == pytest.approx(10.0)
+    assert target["cpu_advantage"]["transceiver"] == pytest.approx(10.0)
+    assert target["cpu_advantage"]["pass"] is True
+    assert target["memory_per_call_kib"]["ratio_transceiver"] == pytest.approx(0.05, rel=0.1)
+    assert target["memory_per_call_kib"]["pass"] is True
+    assert reference["cpu_advantage"]["transceiver"] == pytest.approx(4.0)  # a MISS, were it judged
+    assert reference["cpu_advantage"]["pass"] is None
+    assert reference["cpu_advantage"]["pass_all_processes"] is None
+    assert reference["memory_per_call_kib"]["pass"] is None
+
+    aiortc = data["servers"]["aiortc"]
+    assert aiortc["capacity"] is None
+    assert aiortc["capacity_note"].startswith(
+        "none within p99 < 50 ms (its jitter buffer holds each echo ~80 ms): p99 95 ms already "
+        "at 25 calls"
+    )
+    assert aiortc["cpu_bound"] == {"at_calls": 50, "kept_up": True, "calls_per_core": 100.0}
+    assert data["servers"]["aiortc-tap"]["capacity"]["calls"] == 50
+
+    table = render_table(data)
+    assert "voxrelay vs aiortc: " in table and "PASS" in table
+    assert "voxrelay vs aiortc-tap (REFERENCE only: no verdict)" in table
+    assert "none within p99 < 50 ms (its jitter buffer holds each echo ~80 ms)" in table
+    assert "CPU-bound 100 calls per core (at 50 calls)" in table
+    markdown = render_markdown(data)
+    assert "passthrough: aiortc uses 10.0x the CPU per call" in markdown
+    assert "passthrough (for reference only, no verdict): aiortc-tap uses 4.0x" in markdown
+    assert "| aiortc | passthrough, through RTCRtpReceiver and its jitter buffer | none * |" in (
+        markdown
+    )
+    assert plot_cost(data, tmp_path / "cost.png").read_bytes().startswith(PNG_MAGIC)
