@@ -20,8 +20,17 @@ every round, medians reported) so drift on a shared machine hits both alike. The
 ratios voxrelay / naive of CPU per packet are compared with the targets (0.75 flat out,
 1.2 at the fixed rate) and reported with pass flags; nothing asserts them.
 
-With ``--workers`` smaller than the usable CPUs, forwarders are pinned to the last CPUs
-and the load generator and sink to the others, so a forwarder has a core of its own.
+``--workers`` takes one count or an increasing list (``1,2,4``): for a list the whole
+measurement above runs once per count (a fresh fleet of that many relay workers, and as
+many naive forwarder processes on one SO_REUSEPORT port), and the report adds a scaling
+summary: packets/s flat out and CPU per packet per count, speedup over the first count.
+
+With ``--pin`` and a count smaller than the usable CPUs, forwarders are pinned to the last
+CPUs and the load generator and sink to the others, so a forwarder has a core of its own;
+a count that leaves no CPU for the load runs unpinned. The load generator and the sink are
+busy processes too: when workers + 2 exceed the usable CPUs, they share cores with the
+forwarders (or with each other), and the report says that its figures - scaling above
+all - are bounded by the machine's cores rather than by the forwarders.
 Each forwarder runs in a session of its own (the fleet through ``voxrelay up --detach``,
 the naive processes started so), so the scheduler's autogrouping treats them alike: a
 forwarder in the benchmark's own group would share one CPU share with the load processes.
@@ -86,19 +95,35 @@ MIN_BUNDLE_MAX_BYTES, MAX_BUNDLE_MAX_BYTES = 576, 65507
 # -- settings and CPU placement -------------------------------------------------------------
 
 
+MAX_WORKERS = 64
+LOAD_PROCESSES = 2  # the clients (load generator) and the sink, both busy flat out
+
+
 @dataclass(frozen=True)
 class Placement:
-    """Which CPUs the forwarders and the load (clients + sink) may run on; None: anywhere."""
+    """Which CPUs the forwarders and the load (clients + sink) may run on; None: anywhere.
+
+    ``note`` says why pinning was asked for but not done (None when it was, or not asked).
+    """
 
     forwarder_cpus: list[int] | None
     load_cpus: list[int] | None
+    note: str | None = None
 
     @classmethod
-    def plan(cls, workers: int, pin: bool) -> Placement:
-        cpus = sorted(os.sched_getaffinity(0))
-        if not pin or len(cpus) <= workers:
+    def plan(cls, workers: int, pin: bool, cpus: Sequence[int] | None = None) -> Placement:
+        """Forwarders on the last ``workers`` CPUs, load on the rest; unpinned if none is left."""
+        usable = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
+        if not pin:
             return cls(None, None)
-        return cls(cpus[-workers:], cpus[:-workers])
+        if len(usable) <= workers:
+            return cls(
+                None,
+                None,
+                f"--pin: {workers} worker(s) on {len(usable)} usable CPU(s) leave none for the "
+                "load generator and sink, so nothing is pinned for this count",
+            )
+        return cls(usable[-workers:], usable[:-workers])
 
     def forwarder_cpu(self, index: int) -> list[int] | None:
         if not self.forwarder_cpus:
@@ -116,11 +141,43 @@ class BenchSettings:
     repeat: int
     placement: Placement
     bundle_max_bytes: int = DEFAULT_BUNDLE_MAX_BYTES
+    usable_cpus: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
 
     @property
     def sink_max_datagram(self) -> int:
         """Room per datagram in the sink: a whole bundle must fit, or records go uncounted."""
         return max(2048, self.bundle_max_bytes + 1)
+
+    @property
+    def busy_processes(self) -> int:
+        return self.workers + LOAD_PROCESSES
+
+    @property
+    def cpu_oversubscribed(self) -> bool:
+        """More busy processes than CPUs: some forwarder or the load shares a core."""
+        return self.busy_processes > self.usable_cpus
+
+    def machine_notes(self) -> list[str]:
+        """What about this machine bounds this count's figures; empty when nothing does."""
+        notes = [self.placement.note] if self.placement.note else []
+        if not self.cpu_oversubscribed:
+            return notes
+        head = (
+            f"{self.workers} forwarder(s) + load generator + sink = {self.busy_processes} busy "
+            f"processes on {self.usable_cpus} usable CPU(s)"
+        )
+        if self.placement.forwarder_cpus:
+            load = len(self.placement.load_cpus or [])
+            notes.append(
+                f"{head}: the forwarders have a CPU each, the load generator and sink share "
+                f"the other {load}, which may bound the offered load and so packets/s flat out"
+            )
+        else:
+            notes.append(
+                f"{head}, all sharing them: packets/s and CPU per packet are bounded by the "
+                "machine's cores, not by the forwarders alone"
+            )
+        return notes
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -135,6 +192,9 @@ class BenchSettings:
             "socket_buffer_bytes": SOCKET_BUFFER_BYTES,
             "bundling": self.bundle_max_bytes > 0,
             "bundle_max_bytes": self.bundle_max_bytes,
+            "usable_cpus": self.usable_cpus,
+            "busy_processes": self.busy_processes,
+            "cpu_oversubscribed": self.cpu_oversubscribed,
         }
 
 
@@ -526,12 +586,42 @@ def ratios(rounds: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+NOTES = [
+    "cpu_us_per_packet: the forwarder processes' user+system CPU time over the "
+    "packets they forwarded (both directions); summary values are medians over "
+    "rounds, ratios are medians of per-round ratios.",
+    "fixed_rate: every probe is echoed by the sink, so each probe is forwarded "
+    "twice; a tenth as many probes go straight to the sink in the same phase, and "
+    "added_latency_us = forwarder RTT percentile - that direct RTT percentile; "
+    "summary.direct is the median of those baselines.",
+    "flat_out: the generator offers more than a worker can take; loss is mostly "
+    "the kernel dropping at the forwarder's full socket, by design.",
+    "bundling (settings.bundling): the relay sends the packets of a read batch "
+    "that go to one transceiver as one internal datagram of up to "
+    "settings.bundle_max_bytes; packet counts are client packets either way (the "
+    "sink counts records inside bundles); bundles_out counts bundle datagrams.",
+    "machine_notes: what about this machine bounds the figures (CPU pinning not "
+    "possible, more busy processes than usable CPUs); empty when nothing does.",
+]
+SWEEP_NOTES = [
+    "sweep: one entry per worker count, each the whole single-count measurement (its "
+    "own fleet, naive processes, sink and rounds); scaling summarises packets/s flat out "
+    "and CPU per packet per count, speedup_vs_first = forwarded_pps / that of the "
+    "first count (ideal: workers / first count).",
+]
+SINGLE_SCHEMA_VERSION = 1  # one worker count: the original layout
+SWEEP_SCHEMA_VERSION = 2  # settings.workers is a list; results move under sweep[]
+
+
 @dataclass
 class Report:
+    """The rounds measured for one worker count."""
+
     settings: BenchSettings
     rounds: list[dict[str, Any]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
+        """The per-count results: settings, summary, ratios, rounds, machine_notes."""
         summary = {
             name: _median_tree([r[name] for r in self.rounds]) for name in ("voxrelay", "naive")
         }
@@ -543,30 +633,138 @@ class Report:
             }
         }
         return {
-            **report_header("voxrelay bench relay"),
             "settings": self.settings.as_dict(),
             "summary": summary,
             "ratios": ratios(self.rounds),
             "rounds": self.rounds,
-            "notes": [
-                "cpu_us_per_packet: the forwarder processes' user+system CPU time over the "
-                "packets they forwarded (both directions); summary values are medians over "
-                "rounds, ratios are medians of per-round ratios.",
-                "fixed_rate: every probe is echoed by the sink, so each probe is forwarded "
-                "twice; a tenth as many probes go straight to the sink in the same phase, and "
-                "added_latency_us = forwarder RTT percentile - that direct RTT percentile; "
-                "summary.direct is the median of those baselines.",
-                "flat_out: the generator offers more than a worker can take; loss is mostly "
-                "the kernel dropping at the forwarder's full socket, by design.",
-                "bundling (settings.bundling): the relay sends the packets of a read batch "
-                "that go to one transceiver as one internal datagram of up to "
-                "settings.bundle_max_bytes; packet counts are client packets either way (the "
-                "sink counts records inside bundles); bundles_out counts bundle datagrams.",
-            ],
+            "machine_notes": self.settings.machine_notes(),
         }
 
 
+def scaling(entries: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Packets/s flat out and CPU per packet per worker count, speedup over the first count."""
+    first = entries[0]["summary"]
+    rows = []
+    for entry in entries:
+        s, summary = entry["settings"], entry["summary"]
+        row: dict[str, Any] = {
+            "workers": s["workers"],
+            "pinned": s["forwarder_cpus"] is not None,
+            "cpu_oversubscribed": s["cpu_oversubscribed"],
+        }
+        for name in ("voxrelay", "naive"):
+            flat, fixed = summary[name]["flat_out"], summary[name]["fixed_rate"]
+            row[name] = {
+                "forwarded_pps_flat_out": flat["forwarded_pps"],
+                "speedup_vs_first": ratio_of(
+                    flat["forwarded_pps"], first[name]["flat_out"]["forwarded_pps"]
+                ),
+                "cpu_us_per_packet_flat_out": flat["cpu_us_per_packet"],
+                "cpu_us_per_packet_fixed_rate": fixed["cpu_us_per_packet"],
+                # False: the forwarders kept up with the generator, which was the bound.
+                "saturated_flat_out": flat["saturated"],
+            }
+        row["forwarded_pps_flat_out_voxrelay_over_naive"] = ratio_of(
+            row["voxrelay"]["forwarded_pps_flat_out"], row["naive"]["forwarded_pps_flat_out"]
+        )
+        rows.append(row)
+    counts = [row["workers"] for row in rows]
+    usable = entries[-1]["settings"]["usable_cpus"]
+    bounded = any(row["cpu_oversubscribed"] for row in rows)
+    note = None
+    if bounded:
+        note = (
+            f"scaling over {', '.join(map(str, counts))} worker(s) is bounded by this "
+            f"machine's {usable} usable CPU(s): the load generator and sink share them "
+            f"(measuring {counts[-1]} forwarder(s) alone needs {counts[-1] + LOAD_PROCESSES} "
+            "CPUs), so flat scaling here does not show what the relay does on more cores"
+        )
+    return {
+        "worker_counts": counts,
+        "baseline_workers": counts[0],
+        "usable_cpus": usable,
+        "bounded_by_cores": bounded,
+        "note": note,
+        "rows": rows,
+    }
+
+
+def sweep_report(reports: Sequence[Report]) -> dict[str, Any]:
+    """relay.json's content: the single-count layout for one count, else sweep + scaling."""
+    entries = [report.to_dict() for report in reports]
+    if len(entries) == 1:
+        header = {**report_header("voxrelay bench relay"), "schema_version": SINGLE_SCHEMA_VERSION}
+        return {**header, **entries[0], "notes": NOTES}
+    common = dict(entries[0]["settings"])
+    for key in ("forwarder_cpus", "load_cpus", "busy_processes", "cpu_oversubscribed"):
+        common.pop(key)
+    common["workers"] = [entry["settings"]["workers"] for entry in entries]
+    summary = scaling(entries)
+    return {
+        **report_header("voxrelay bench relay"),
+        "schema_version": SWEEP_SCHEMA_VERSION,
+        "settings": common,
+        "sweep": entries,
+        "scaling": summary,
+        "notes": [*NOTES, *SWEEP_NOTES, *([summary["note"]] if summary["note"] else [])],
+    }
+
+
 def render_table(data: dict[str, Any]) -> str:
+    """The printed report: one block per worker count, then the scaling summary of a sweep."""
+    if "sweep" not in data:
+        return _render_count(data)
+    blocks = [_render_count(entry) for entry in data["sweep"]]
+    return "\n\n".join([*blocks, _render_scaling(data["scaling"], data["settings"]["rate_pps"])])
+
+
+def _render_scaling(summary: dict[str, Any], rate: float) -> str:
+    first = summary["baseline_workers"]
+
+    def row(*cells: str) -> str:
+        widths = (7, 16, 9, 16, 9, 13, 14, 13, 14)
+        return "".join(f"{cell:>{w}}" for cell, w in zip(cells, widths, strict=True))
+
+    lines = [
+        f"scaling: forwarded pkt/s flat out (speedup vs {first} worker(s)), CPU µs/packet "
+        f"flat out and at {rate:,.0f} pkt/s",
+        row(
+            "workers",
+            "voxrelay pkt/s",
+            "speedup",
+            "naive pkt/s",
+            "speedup",
+            "vox µs/pkt",
+            "naive µs/pkt",
+            "vox µs@rate",
+            "naive µs@rate",
+        ),
+    ]
+    for r in summary["rows"]:
+        vox, naive = r["voxrelay"], r["naive"]
+        placed = "pinned" if r["pinned"] else "unpinned"
+        shared = ", CPUs shared" if r["cpu_oversubscribed"] else ""
+        lines.append(
+            row(
+                str(r["workers"]),
+                f"{vox['forwarded_pps_flat_out']:,.0f}",
+                fmt(vox["speedup_vs_first"], ".2f") + "x",
+                f"{naive['forwarded_pps_flat_out']:,.0f}",
+                fmt(naive["speedup_vs_first"], ".2f") + "x",
+                fmt(vox["cpu_us_per_packet_flat_out"], ".2f"),
+                fmt(naive["cpu_us_per_packet_flat_out"], ".2f"),
+                fmt(vox["cpu_us_per_packet_fixed_rate"], ".2f"),
+                fmt(naive["cpu_us_per_packet_fixed_rate"], ".2f"),
+            )
+            + f"  ({placed}{shared})"
+        )
+    if summary["note"]:
+        lines.append(f"note: {summary['note']}")
+    return "\n".join(lines)
+
+
+def _render_count(data: dict[str, Any]) -> str:
+    """The table of one worker count (the whole report when there is only one)."""
     s, summary, ratio = data["settings"], data["summary"], data["ratios"]
     vox, naive, direct = summary["voxrelay"], summary["naive"], summary["direct"]
     rate = f"{s['rate_pps']:,.0f} pkt/s"
@@ -646,43 +844,55 @@ def render_table(data: dict[str, Any]) -> str:
         f"{fmt(generator['cpu_us_per_packet'], '.2f')} µs CPU/pkt "
         f"(sendmmsg, UDP GSO x{generator['gso_segments']:.0f})"
     )
+    lines += [f"note: {note}" for note in data.get("machine_notes", [])]
     return "\n".join(lines)
 
 
 def plot_report(data: dict[str, Any], path: Path) -> Path:
-    """relay.png: CPU per packet (with targets), packets/s, RTT and added latency."""
+    """relay.png: CPU per packet (with targets), packets/s, RTT and added latency.
+
+    A sweep draws every worker count side by side in each panel.
+    """
     plt = pyplot()
-    summary, ratio, s = data["summary"], data["ratios"], data["settings"]
-    vox, naive, direct = summary["voxrelay"], summary["naive"], summary["direct"]
+    entries = data.get("sweep", [data])
+    s = data["settings"]
+    several = len(entries) > 1
     rate = f"{s['rate_pps'] / 1000:g}k pkt/s"
-    figure, axes = plt.subplots(2, 2, figsize=(11, 8))
+
+    def label(base: str, entry: dict[str, Any]) -> str:
+        return f"{base}\n{entry['settings']['workers']} w" if several else base
+
+    counts = ", ".join(str(e["settings"]["workers"]) for e in entries)
+    figure, axes = plt.subplots(2, 2, figsize=(11 + 3 * (len(entries) - 1), 8))
     figure.suptitle(
-        f"voxrelay bench relay - {s['workers']} worker(s), {s['clients']} clients, "
+        f"voxrelay bench relay - {counts} worker(s), {s['clients']} clients, "
         f"{s['size_bytes']} B datagrams, median of {s['repeat']}",
         fontsize=11,
     )
+    phases = (
+        ("flat_out", "flat out", "cpu_per_packet_flat_out"),
+        ("fixed_rate", rate, "cpu_per_packet_fixed_rate"),
+    )
+    cells = [
+        (phase, key, entry, label(name, entry)) for phase, name, key in phases for entry in entries
+    ]
     cpu_axes = axes[0][0]
     placed = grouped_bars(
         cpu_axes,
-        ["flat out", rate],
+        [text for *_, text in cells],
         {
-            "voxrelay": [
-                vox["flat_out"]["cpu_us_per_packet"],
-                vox["fixed_rate"]["cpu_us_per_packet"],
-            ],
-            "naive": [
-                naive["flat_out"]["cpu_us_per_packet"],
-                naive["fixed_rate"]["cpu_us_per_packet"],
-            ],
+            name: [
+                entry["summary"][name][phase]["cpu_us_per_packet"] for phase, _, entry, _ in cells
+            ]
+            for name in ("voxrelay", "naive")
         },
         title="Forwarder CPU per forwarded packet (lower is better)",
         ylabel="µs",
         value_format="{:.2f}",
     )
-    for group, (phase, key) in enumerate(
-        (("flat_out", "cpu_per_packet_flat_out"), ("fixed_rate", "cpu_per_packet_fixed_rate"))
-    ):
-        baseline = naive[phase]["cpu_us_per_packet"]
+    for group, (phase, key, entry, _) in enumerate(cells):
+        summary, ratio = entry["summary"], entry["ratios"]
+        baseline = summary["naive"][phase]["cpu_us_per_packet"]
         if baseline is None:
             continue
         target = ratio[key]["target_max"]
@@ -693,27 +903,28 @@ def plot_report(data: dict[str, Any], path: Path) -> Path:
             width,
             baseline * target,
             f"target {target:g}x naive",
-            bar_height=vox[phase]["cpu_us_per_packet"],
+            bar_height=summary["voxrelay"][phase]["cpu_us_per_packet"],
             passed=ratio[key]["pass"],
         )
     cpu_axes.legend(fontsize=8)
     grouped_bars(
         axes[0][1],
-        ["flat out"],
+        [label("flat out", entry) for entry in entries],
         {
-            "voxrelay": [vox["flat_out"]["forwarded_pps"]],
-            "naive": [naive["flat_out"]["forwarded_pps"]],
+            name: [entry["summary"][name]["flat_out"]["forwarded_pps"] for entry in entries]
+            for name in ("voxrelay", "naive")
         },
         title="Forwarded packets/s at the sink (higher is better)",
         ylabel="packets/s",
         value_format="{:,.0f}",
     )
+    percentiles = [(p, entry) for entry in entries for p in ("p50", "p99")]
     grouped_bars(
         axes[1][0],
-        ["p50", "p99"],
+        [label(p, entry) for p, entry in percentiles],
         {
-            name: [entry["fixed_rate"]["rtt_us"]["p50"], entry["fixed_rate"]["rtt_us"]["p99"]]
-            for name, entry in (("voxrelay", vox), ("naive", naive), ("direct", direct))
+            name: [entry["summary"][name]["fixed_rate"]["rtt_us"][p] for p, entry in percentiles]
+            for name in ("voxrelay", "naive", "direct")
         },
         title=f"Round trip time at {rate}",
         ylabel="µs",
@@ -722,13 +933,13 @@ def plot_report(data: dict[str, Any], path: Path) -> Path:
     axes[1][0].legend(fontsize=8)
     grouped_bars(
         axes[1][1],
-        ["p50", "p99"],
+        [label(p, entry) for p, entry in percentiles],
         {
             name: [
-                entry["fixed_rate"]["added_latency_us"]["p50"],
-                entry["fixed_rate"]["added_latency_us"]["p99"],
+                entry["summary"][name]["fixed_rate"]["added_latency_us"][p]
+                for p, entry in percentiles
             ]
-            for name, entry in (("voxrelay", vox), ("naive", naive))
+            for name in ("voxrelay", "naive")
         },
         title=f"Added latency vs direct echo at {rate}",
         ylabel="µs",
@@ -737,11 +948,73 @@ def plot_report(data: dict[str, Any], path: Path) -> Path:
     return save_figure(figure, path)
 
 
-def run_benchmark(settings: BenchSettings, out: Path) -> dict[str, Any]:
-    """Start everything, run the rounds, write relay.json and relay.png; returns the data."""
-    progress = Progress(total=settings.repeat * 4)
+def plot_scaling(data: dict[str, Any], path: Path) -> Path:
+    """relay_scaling.png: packets/s flat out and CPU per packet against the worker count."""
+    plt = pyplot()
+    summary, s = data["scaling"], data["settings"]
+    rows = summary["rows"]
+    groups = [f"{row['workers']} worker{'s' if row['workers'] > 1 else ''}" for row in rows]
+    names = ("voxrelay", "naive")
+    figure, axes = plt.subplots(1, 3, figsize=(15, 5.5))
+    title = (
+        f"voxrelay bench relay - scaling over {', '.join(map(str, summary['worker_counts']))} "
+        f"worker(s), {s['clients']} clients, {s['size_bytes']} B datagrams, "
+        f"median of {s['repeat']}"
+    )
+    if summary["bounded_by_cores"]:
+        title += (
+            f"\nbounded by this machine's {summary['usable_cpus']} usable CPU(s): "
+            "the load generator and sink share them with the forwarders"
+        )
+    figure.suptitle(title, fontsize=11)
+    placed = grouped_bars(
+        axes[0],
+        groups,
+        {name: [row[name]["forwarded_pps_flat_out"] for row in rows] for name in names},
+        title="Forwarded packets/s flat out (higher is better)",
+        ylabel="packets/s",
+        value_format="{:,.0f}",
+    )
+    axes[0].ticklabel_format(axis="y", style="plain")
+    first = rows[0]
+    for index, row in enumerate(rows[1:], start=1):
+        for name in names:  # where linear scaling from the first count would put each bar
+            centre, width = placed[name][index]
+            ideal = first[name]["forwarded_pps_flat_out"] * row["workers"] / first["workers"]
+            target_marker(
+                axes[0],
+                centre,
+                width,
+                ideal,
+                "linear",
+                bar_height=row[name]["forwarded_pps_flat_out"],
+                passed=None,
+            )
+    axes[0].legend(fontsize=8)
+    for panel, (key, phase) in zip(
+        axes[1:],
+        (
+            ("cpu_us_per_packet_flat_out", "flat out"),
+            ("cpu_us_per_packet_fixed_rate", f"at {s['rate_pps'] / 1000:g}k pkt/s"),
+        ),
+        strict=True,
+    ):
+        grouped_bars(
+            panel,
+            groups,
+            {name: [row[name][key] for row in rows] for name in names},
+            title=f"Forwarder CPU per packet, {phase} (lower is better)",
+            ylabel="µs",
+            value_format="{:.2f}",
+        )
+        panel.legend(fontsize=8)
+    return save_figure(figure, path)
+
+
+def run_count(settings: BenchSettings, progress: Progress) -> Report:
+    """Start a sink, a fleet and the naive forwarders for one worker count; run its rounds."""
     report = Report(settings)
-    with contextlib.ExitStack() as stack, terminate_as_interrupt():
+    with contextlib.ExitStack() as stack:
         workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="voxrelay-bench-")))
         sink = SinkProcess(workdir, settings.placement.load_cpus, settings.sink_max_datagram)
         stack.callback(sink.close)
@@ -761,11 +1034,59 @@ def run_benchmark(settings: BenchSettings, out: Path) -> dict[str, Any]:
             report.rounds.append(
                 run_round(index, [fleet, naive], sink, settings, fleet.token, progress)
             )
-    data = report.to_dict()
+    return report
+
+
+def run_benchmark(sweep: Sequence[BenchSettings], out: Path) -> dict[str, Any]:
+    """Measure each worker count in turn; write relay.json, relay.png (and for a sweep
+    relay_scaling.png); returns the data."""
+    progress = Progress(total=sum(settings.repeat * 4 for settings in sweep))
+    reports = []
+    with terminate_as_interrupt():
+        for settings in sweep:
+            if len(sweep) > 1:
+                click.echo(f"-- {settings.workers} worker(s)")
+            for note in settings.machine_notes():
+                click.echo(f"note: {note}")
+            reports.append(run_count(settings, progress))
+    data = sweep_report(reports)
     out.mkdir(parents=True, exist_ok=True)
     (out / "relay.json").write_text(json.dumps(data, indent=2) + "\n")
     plot_report(data, out / "relay.png")
+    if "sweep" in data:
+        plot_scaling(data, out / "relay_scaling.png")
     return data
+
+
+class WorkerCounts(click.ParamType):
+    """One worker count, or a comma list of strictly increasing counts (``1,2,4``)."""
+
+    name = "N[,N...]"
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> tuple[int, ...]:
+        if isinstance(value, tuple):
+            return value
+        if isinstance(value, int):
+            value = str(value)
+        counts: list[int] = []
+        for item in str(value).split(","):
+            try:
+                count = int(item.strip())
+            except ValueError:
+                self.fail(f"{item.strip()!r} is not a whole number (in {value!r})", param, ctx)
+            if not 1 <= count <= MAX_WORKERS:
+                self.fail(f"{count} is not in 1..{MAX_WORKERS} (in {value!r})", param, ctx)
+            if counts and count <= counts[-1]:
+                self.fail(
+                    f"counts must strictly increase, {count} follows {counts[-1]} (in {value!r})",
+                    param,
+                    ctx,
+                )
+            counts.append(count)
+        return tuple(counts)
+
+
+WORKER_COUNTS = WorkerCounts()
 
 
 @click.command("relay")
@@ -799,10 +1120,11 @@ def run_benchmark(settings: BenchSettings, out: Path) -> dict[str, Any]:
 )
 @click.option(
     "--workers",
-    default=1,
+    default="1",
     show_default=True,
-    type=click.IntRange(1, 64),
-    help="Relay workers (and naive forwarder processes on a SO_REUSEPORT port).",
+    type=WORKER_COUNTS,
+    help="Relay workers (and naive forwarder processes on a SO_REUSEPORT port): one count, "
+    f"or increasing counts like 1,2,4 (each 1..{MAX_WORKERS}) to measure scaling.",
 )
 @click.option(
     "--repeat",
@@ -838,7 +1160,7 @@ def relay_bench_command(
     rate: float,
     clients: int,
     size: int,
-    workers: int,
+    workers: tuple[int, ...],
     repeat: int,
     pin: bool,
     bundle_max_bytes: int,
@@ -849,26 +1171,31 @@ def relay_bench_command(
     Reports forwarded packets/s flat out, forwarder CPU µs per packet flat out and at
     --rate, and added latency p50/p99 at --rate, for voxrelay and for a naive
     recvfrom_into/dict/sendto forwarder measured in the same run. Writes relay.json
-    and relay.png to --out.
+    and relay.png to --out. With --workers 1,2,4 the measurement runs once per worker
+    count and relay_scaling.png shows packets/s and CPU per packet against the count.
     """
     if 0 < bundle_max_bytes < MIN_BUNDLE_MAX_BYTES:
         raise click.BadParameter(
             f"0 (off) or {MIN_BUNDLE_MAX_BYTES}..{MAX_BUNDLE_MAX_BYTES}, got {bundle_max_bytes}",
             param_hint="--bundle-max-bytes",
         )
-    settings = BenchSettings(
-        duration=duration,
-        rate=rate,
-        clients=clients,
-        size=size,
-        workers=workers,
-        repeat=repeat,
-        placement=Placement.plan(workers, pin),
-        bundle_max_bytes=bundle_max_bytes,
-    )
+    sweep = [
+        BenchSettings(
+            duration=duration,
+            rate=rate,
+            clients=clients,
+            size=size,
+            workers=count,
+            repeat=repeat,
+            placement=Placement.plan(count, pin),
+            bundle_max_bytes=bundle_max_bytes,
+        )
+        for count in workers
+    ]
     out = Path(out_dir)
     data = run_reporting_errors(
-        lambda: run_benchmark(settings, out), (BenchError, LoadgenError, PlotError)
+        lambda: run_benchmark(sweep, out), (BenchError, LoadgenError, PlotError)
     )
     click.echo(render_table(data))
-    click.echo(f"wrote {out / 'relay.json'} and {out / 'relay.png'}")
+    written = ["relay.json", "relay.png", *(["relay_scaling.png"] if "sweep" in data else [])]
+    click.echo(f"wrote {', '.join(str(out / name) for name in written)}")
