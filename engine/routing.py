@@ -135,6 +135,7 @@ _FIRST_SEQ_WORD = (HEADER_SIZE + SLOT_SEQ) // 8
 _FIRST_TAG_WORD = (HEADER_SIZE + SLOT_TAG) // 8
 _FIRST_LAST_SEEN_WORD = (HEADER_SIZE + SLOT_LAST_SEEN) // 8
 _WORDS_PER_SLOT = SLOT_SIZE // 8
+_LIVE_BYTE = bytes((LIVE,))  # what expire() looks for in the state bytes
 _BODY = struct.Struct("=24sQQQ")  # key, transceiver, last seen, created (offset SLOT_KEY)
 _REPOINT = struct.Struct("=QQ")  # transceiver, last seen (offset SLOT_TRANSCEIVER)
 
@@ -763,16 +764,20 @@ class RoutingTable:
         process are skipped until the next call.
         """
         cutoff = now_ms - idle_ms
-        with self.words[_FIRST_LAST_SEEN_WORD::_WORDS_PER_SLOT] as view:
-            last_seen = view.tolist()
+        # Only LIVE slots are visited (found by bytes.find over one strided copy of the
+        # state bytes), so a scan of a large, mostly empty table costs next to nothing.
         states = self._states()
+        live = _LIVE_BYTE
+        words = self.words
         expired = []
         pid = os.getpid()
-        for slot, seen in enumerate(last_seen):
-            if seen <= cutoff and states[slot] == LIVE:
+        slot = states.find(live)
+        while slot >= 0:
+            if words[_FIRST_LAST_SEEN_WORD + slot * _WORDS_PER_SLOT] <= cutoff:
                 route = self._remove_idle(slot, cutoff, pid)
                 if route is not None:
                     expired.append(route)
+            slot = states.find(live, slot + 1)
         return expired
 
     def _remove_idle(self, slot: int, cutoff: int, pid: int) -> Route | None:

@@ -506,7 +506,8 @@ class Transceiver:
             for datagram, client in direct:
                 transport.sendto(datagram, client)
         if self._relay_out:
-            for via, queued in self._relay_out.items():
+            relay_out, self._relay_out = self._relay_out, {}
+            for via, queued in relay_out.items():  # a worker gone for good leaves no entry
                 if queued.records:
                     self._send_relayed(via, queued)
 
