@@ -1273,7 +1273,14 @@ class Series:
             }
         # Memory and marginal CPU only where the server kept up: a saturated one queues
         # work (its memory balloons) and cannot spend more CPU (its cost per call shrinks).
+        # Memory also only from the ramp before its first saturated step: a process keeps
+        # the heap a saturated step grew, so later (search) steps would report it too.
         kept_up = [step for step in all_steps if kept_up_with(step)]
+        memory_steps = []
+        for step in self.steps:
+            if not kept_up_with(step):
+                break
+            memory_steps.append(step)
         capacity_note = (
             capacity["note"]
             if capacity
@@ -1286,12 +1293,12 @@ class Series:
         )
         rss_points = [(0.0, 0.0)] + [
             (step["live"], sum(step["rss_mb"].values()) - sum(self.baseline_rss.values()) / 2**20)
-            for step in kept_up
+            for step in memory_steps
         ]
         like = self.system.like_for_like
         like_points = [(0.0, 0.0)] + [
             (step["live"], step["rss_mb"][like] - self.baseline_rss.get(like, 0) / 2**20)
-            for step in kept_up
+            for step in memory_steps
             if like
         ]
         slope_all = linear_slope(rss_points)
@@ -1498,12 +1505,23 @@ def compare(ours: dict[str, Any], theirs: dict[str, Any], mode: str) -> dict[str
     return result
 
 
+def representative_step(series: dict[str, Any]) -> dict[str, Any] | None:
+    """The step a server's summary row and cost describe: its capacity (the largest step
+    within the limits), else the largest step it kept up with (a server whose echo is held
+    too long for the round-trip limit), else its smallest step. Never a saturated step
+    above its capacity: its round trips are queueing and its CPU per call is capped."""
+    steps = series["steps"] + series["search"]
+    chosen = [s for s in steps if s["accepted"]] or [s for s in steps if kept_up_with(s)]
+    if chosen:
+        return max(chosen, key=lambda s: s["calls"])
+    return min(steps, key=lambda s: s["calls"], default=None)
+
+
 def cost(series: dict[str, Any], vcpu_hour_usd: float) -> dict[str, Any] | None:
-    """CPU per call at the capacity (else the last step) as USD per 1,000 call-minutes."""
-    steps = [s for s in series["steps"] + series["search"] if s["accepted"]] or series["steps"]
-    if not steps:
+    """CPU per call at :func:`representative_step` as USD per 1,000 call-minutes."""
+    step = representative_step(series)
+    if step is None:
         return None
-    step = max(steps, key=lambda s: s["calls"])
     millicores = step["server_millicores_per_call"]
     if millicores is None:
         return None
@@ -1780,8 +1798,7 @@ def render_markdown(data: dict[str, Any]) -> str:
             per_core = f"{fmt(bound['calls_per_core'], '.0f')} (CPU-bound) *"
         if not capacity:
             notes.append(f"\\* {name}: {result.get('capacity_note') or 'no capacity'}.")
-        steps = [x for x in result["steps"] + result["search"] if x["accepted"]] or result["steps"]
-        step = max(steps, key=lambda x: x["calls"]) if steps else {}
+        step = representative_step(result) or {}
         rtt = step.get("rtt_ms") or {}
         setups = " / ".join(
             fmt(result["setup"][phase]["milestones_ms"]["first_echo"]["p50"]) for phase in PHASES

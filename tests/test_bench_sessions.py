@@ -534,14 +534,18 @@ def test_the_tap_baseline_is_passthrough_only() -> None:
 
 
 def _summary(
-    system: System, settings: SessionsSettings, steps: list[tuple[int, float, float, float]]
+    system: System,
+    settings: SessionsSettings,
+    steps: list[tuple[int, float, float, float]],
+    search: list[tuple[int, float, float, float]] = (),  # type: ignore[assignment]
 ) -> dict[str, Any]:
     """A series' summary from synthetic windows: (calls, cores of the like-for-like group,
-    KiB per call it added, p99 ms) each, 2 s long, no packet lost."""
+    KiB per call it added, p99 ms) each, 2 s long, no packet lost; ``search`` windows come
+    after the ramp's, as bisection steps."""
     series = Series(system, None, settings, Progress(enabled=False))  # type: ignore[arg-type]
     base = 50 * 2**20
     series.baseline_rss = {group: base for group in system.processes}
-    for calls, cores, kib_per_call, p99 in steps:
+    for index, (calls, cores, kib_per_call, p99) in enumerate([*steps, *search]):
         rtt = {"p50": p99 / 2, "p95": p99, "p99": p99, "mean": p99 / 2, "min": 0.1, "max": p99}
         merged = {"sent": calls * 100, "echoed": calls * 100, "reordered": 0, "foreign": 0}
         merged |= {"late_ticks": 0, "rtt_ms": rtt, "live": calls}
@@ -563,8 +567,38 @@ def _summary(
         step["contention"] = dict.fromkeys(
             ("server_wait_cores", "callers_wait_cores", "machine_cpu_pressure")
         )
-        series.steps.append(step)
+        (series.steps if index < len(steps) else series.search).append(step)
     return series.summary()
+
+
+def test_a_saturated_step_does_not_speak_for_memory_cost_or_the_summary_row() -> None:
+    """Memory per call comes from the ramp's kept-up steps only (a heap grown while
+    saturated stays grown in the search steps after it); the row and the cost describe the
+    capacity, else the largest kept-up step, never the saturated one."""
+    from voxrelay.bench.sessions_bench import cost, representative_step
+
+    settings = _settings()
+    system = aiortc_system(aiortc_baselines(["aiortc-tap"], "passthrough")[0], "http://x/whip", 1)
+    summary = _summary(
+        system,
+        settings,
+        [(5, 0.25, 500.0, 5.0), (10, 0.5, 500.0, 5.0), (20, 0.95, 30_000.0, 900.0)],
+        search=[(15, 0.8, 20_000.0, 5.0)],  # kept up, but its heap is the saturated one's
+    )
+    assert 450 <= summary["memory"]["like_for_like_kib_per_call_slope"] <= 550
+    assert representative_step(summary)["calls"] == 15  # the capacity
+    assert cost(summary, 0.04)["at_calls"] == 15
+
+    held = aiortc_system(aiortc_baselines(["aiortc"], "passthrough")[0], "http://x/whip", 1)
+    summary = _summary(
+        held, settings, [(50, 0.5, 270.0, 83.0), (100, 0.95, 300.0, 240.0)]
+    )  # over the round-trip limit at every step; saturated at 100
+    assert summary["capacity"] is None
+    assert representative_step(summary)["calls"] == 50
+    assert (
+        cost(summary, 0.04)["millicores_per_call"]
+        == summary["steps"][0]["server_millicores_per_call"]
+    )
 
 
 def test_the_verdict_is_against_aiortcs_receiver_and_the_tap_is_a_reference(
