@@ -1276,11 +1276,7 @@ class Series:
         # Memory also only from the ramp before its first saturated step: a process keeps
         # the heap a saturated step grew, so later (search) steps would report it too.
         kept_up = [step for step in all_steps if kept_up_with(step)]
-        memory_steps = []
-        for step in self.steps:
-            if not kept_up_with(step):
-                break
-            memory_steps.append(step)
+        memory_steps = steps_for_memory(self.steps)
         capacity_note = (
             capacity["note"]
             if capacity
@@ -1333,6 +1329,17 @@ class Series:
             },
             "soak": self.soak,
         }
+
+
+def steps_for_memory(ramp: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The ramp's steps up to its first the server did not keep up with: a process keeps
+    the heap a saturated step grew, so every later step would report it too."""
+    steps = []
+    for step in ramp:
+        if not kept_up_with(step):
+            break
+        steps.append(step)
+    return steps
 
 
 def _hold_text(hold_ms: float | None) -> str:
@@ -1967,7 +1974,15 @@ def plot_cost(data: dict[str, Any], path: Path) -> Path:
     figure, (cpu_axes, memory_axes) = plt.subplots(1, 2, figsize=(14, 5))
     for index, (name, result) in enumerate(data["servers"].items()):
         colour = colour_for(name, index)
-        steps = sorted(result["steps"] + result["search"], key=lambda x: x["calls"])
+        # Only steps the server kept up with: where it fell over, calls hang, its CPU per
+        # call is capped by its core and its heap holds queued work; those figures
+        # describe nothing (the load plot shows where and how it fell over).
+        steps = sorted(
+            (x for x in result["steps"] + result["search"] if kept_up_with(x)),
+            key=lambda x: x["calls"],
+        )
+        if not steps:
+            continue
         calls = [x["live"] for x in steps]
         like = result["system"]["like_for_like_group"]
         cpu_axes.plot(
@@ -1992,11 +2007,12 @@ def plot_cost(data: dict[str, Any], path: Path) -> Path:
             color=colour,
             label=f"callers of {name}",
         )
-        if like:
+        memory = steps_for_memory(result["steps"])
+        if like and memory:
             base = result["memory"]["baseline_rss_mb"].get(like, 0)
             memory_axes.plot(
-                [0, *calls],
-                [0, *((x["rss_mb"][like] - base) for x in steps)],
+                [0, *(x["live"] for x in memory)],
+                [0, *((x["rss_mb"][like] - base) for x in memory)],
                 "o-",
                 color=colour,
                 label=f"{name} {like}",
@@ -2004,14 +2020,20 @@ def plot_cost(data: dict[str, Any], path: Path) -> Path:
     cpu_axes.set_yscale("log")  # passthrough and transcoding differ tenfold
     cpu_axes.yaxis.set_major_formatter(_plain_numbers())
     cpu_axes.yaxis.set_minor_formatter(_plain_numbers())
-    cpu_axes.set_title("CPU per call (millicores = ms of CPU per second)", fontsize=10)
+    cpu_axes.set_title(
+        "CPU per call (millicores = ms of CPU per second), steps each server kept up with",
+        fontsize=10,
+    )
     cpu_axes.set_xlabel("concurrent calls")
     cpu_axes.set_ylabel("millicores per call")
     cpu_axes.grid(alpha=0.3)
     cpu_axes.legend(fontsize=7)
     memory_axes.set_yscale("symlog", linthresh=10)  # servers differ a hundredfold
     memory_axes.yaxis.set_major_formatter(_plain_numbers())
-    memory_axes.set_title("Resident memory added vs concurrent calls", fontsize=10)
+    memory_axes.set_title(
+        "Resident memory added vs concurrent calls (ramp, until a server falls over)",
+        fontsize=10,
+    )
     memory_axes.set_xlabel("concurrent calls")
     memory_axes.set_ylabel("MB above the idle baseline")
     memory_axes.grid(alpha=0.3)
