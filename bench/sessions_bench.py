@@ -593,13 +593,9 @@ def serve_aiortc(kind: str, host: str = "127.0.0.1") -> None:
 
     ``kind``: "receiver" (:class:`ReceiverEchoApp`; patches aiortc in this process, see
     :func:`pass_opus_through`), "tap" (setup_bench's AiortcEchoApp: RTP tapped after
-    SRTP) or "transcoding" (:class:`TranscodingEchoApp`, stock aiortc).
-
-    aiortc gathers every interface's address but loopback's; here it gathers 127.0.0.1
-    only, so no benchmark traffic goes to the machine's LAN address.
+    SRTP) or "transcoding" (:class:`TranscodingEchoApp`, stock aiortc). It gathers
+    ``host`` only (see :func:`serve_echo_app`).
     """
-    import aioice.ice
-
     apps: dict[str, Callable[[], AiortcEchoApp]] = {
         "receiver": ReceiverEchoApp,
         "tap": AiortcEchoApp,
@@ -608,10 +604,6 @@ def serve_aiortc(kind: str, host: str = "127.0.0.1") -> None:
     if kind == "receiver":
         pass_opus_through()
 
-    def loopback_only(use_ipv4: bool, use_ipv6: bool) -> list[str]:
-        return ["127.0.0.1"] if use_ipv4 else []
-
-    aioice.ice.get_host_addresses = loopback_only
     serve_echo_app(apps[kind], host, backlog=1024)
 
 

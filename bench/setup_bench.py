@@ -751,8 +751,19 @@ def serve_echo_app(
     make_app: Callable[[], AiortcEchoApp], host: str = "127.0.0.1", backlog: int = 128
 ) -> None:
     """Serve ``make_app()`` until SIGTERM or end of stdin; print ``{"whip_url", "pid"}`` once
-    listening."""
+    listening.
+
+    aiortc gathers every interface's address but loopback's; here it gathers ``host``
+    only (loopback for the benches), like voxrelay's answers, so no benchmark traffic goes
+    to the machine's LAN address.
+    """
+    import aioice.ice
     from aiohttp import web
+
+    def only_our_host(use_ipv4: bool, use_ipv6: bool) -> list[str]:
+        return [host] if (":" in host and use_ipv6) or (":" not in host and use_ipv4) else []
+
+    aioice.ice.get_host_addresses = only_our_host
 
     async def main() -> None:
         echo = make_app()

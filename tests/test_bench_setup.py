@@ -142,6 +142,7 @@ def test_aiortc_baseline_echoes_the_callers_packets_untouched() -> None:
             bench_call = RecordingCall(server.info["whip_url"], packets, settings)
             async with ClientSession() as http:
                 await bench_call.dial(http)
+                bench_call.answer_sdp = bench_call.pc.remoteDescription.sdp
                 await asyncio.sleep(0.5)
                 await bench_call.hang_up(http)
             return bench_call
@@ -150,6 +151,10 @@ def test_aiortc_baseline_echoes_the_callers_packets_untouched() -> None:
     finally:
         server.close()
     assert result.error == "", result.error
+    # Like voxrelay's answers, the baseline's name loopback only: no benchmark traffic
+    # goes to the machine's LAN address.
+    candidates = [line for line in result.answer_sdp.splitlines() if "a=candidate" in line]
+    assert candidates and all(" 127.0.0.1 " in line for line in candidates), candidates
     assert len(result.payloads) >= 10
     assert set(result.payloads) <= set(packets)
     assert server.process.returncode == 0  # it stopped at the end of its input
