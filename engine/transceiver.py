@@ -29,7 +29,6 @@ import os
 import secrets
 import signal
 import socket
-import struct
 import sys
 import time
 from collections import Counter
@@ -47,6 +46,7 @@ from voxrelay.proto.relay_header import (
     RECORD_OVERHEAD,
     RelayBundleError,
     bundle_decode,
+    bundle_of_records,
     decode_header,
     header_from_address,
 )
@@ -518,10 +518,7 @@ class Transceiver:
             header, datagram = records[0]
             self.transport.sendto(header + datagram, via)
         else:
-            parts = []
-            for header, datagram in records:
-                parts += (_record_prefix(BUNDLE_MARKER, 0, len(datagram)), header, datagram)
-            self.transport.sendto(b"".join(parts), via)
+            self.transport.sendto(bundle_of_records(records), via)
             self.bundles_out += 1
         records.clear()
         queued.size = 0
@@ -645,9 +642,6 @@ class _RelayQueue:
     def __init__(self) -> None:
         self.records: list[tuple[bytes, bytes]] = []
         self.size = 0
-
-
-_record_prefix = struct.Struct(">BBH").pack  # marker, reserved, payload length
 
 
 def _reason_label(reason: str) -> str:

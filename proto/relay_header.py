@@ -63,6 +63,7 @@ __all__ = [
     "RelayHeaderError",
     "bundle_decode",
     "bundle_encode",
+    "bundle_of_records",
     "decode_header",
     "encode_header",
     "encode_record",
@@ -78,6 +79,7 @@ BUNDLE_MARKER: Final = 2  # first byte of every bundle record, hence of a bundle
 RECORD_PREFIX_SIZE: Final = 4
 RECORD_OVERHEAD: Final = RECORD_PREFIX_SIZE + HEADER_SIZE  # bytes a record adds to a payload
 MAX_RECORD_PAYLOAD: Final = 0xFFFF
+_RECORD_PREFIX = struct.Struct(">BBH")  # marker, reserved, payload length
 
 # version, family, port, reserved; the 16 address bytes follow.
 _FIXED_FIELDS = struct.Struct("!BBHI")
@@ -213,7 +215,16 @@ def encode_record(header: bytes, payload: bytes | bytearray | memoryview) -> byt
         raise RelayBundleError(
             f"a record's payload is at most {MAX_RECORD_PAYLOAD} bytes, got {len(payload)}"
         )
-    return bytes((BUNDLE_MARKER, 0)) + len(payload).to_bytes(2, "big") + header + payload
+    return _RECORD_PREFIX.pack(BUNDLE_MARKER, 0, len(payload)) + header + payload
+
+
+def bundle_of_records(records: Iterable[tuple[bytes, bytes | bytearray | memoryview]]) -> bytes:
+    """A bundle datagram of ``(24-byte header, payload)`` records, in order: what a
+    transceiver sends a relay worker, its headers already made. At least one record."""
+    parts = [encode_record(header, payload) for header, payload in records]
+    if not parts:
+        raise RelayBundleError("a bundle needs at least one record")
+    return b"".join(parts)
 
 
 def bundle_encode(
@@ -224,10 +235,7 @@ def bundle_encode(
     What a relay worker sends (it builds the same bytes with scatter-gather instead); here
     for tests and tools. At least one record: an empty bundle is not a datagram.
     """
-    parts = [encode_record(encode_header(*client), payload) for client, payload in records]
-    if not parts:
-        raise RelayBundleError("a bundle needs at least one record")
-    return b"".join(parts)
+    return bundle_of_records((encode_header(*client), payload) for client, payload in records)
 
 
 def bundle_decode(data: _Buffer) -> Iterator[tuple[tuple[str, int], _Buffer]]:

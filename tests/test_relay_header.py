@@ -23,6 +23,7 @@ from voxrelay.proto.relay_header import (
     RelayHeaderError,
     bundle_decode,
     bundle_encode,
+    bundle_of_records,
     decode_header,
     encode_header,
     encode_record,
@@ -387,6 +388,20 @@ def test_encode_record_is_what_bundle_encode_joins() -> None:
     header = encode_header("198.51.100.4", 40000)
     assert encode_record(header, b"xy") == b"\x02\x00\x00\x02" + header + b"xy"
     assert bundle_encode([(("198.51.100.4", 40000), b"xy")]) == encode_record(header, b"xy")
+
+
+def test_bundle_of_records_takes_made_headers_and_encodes_as_bundle_encode() -> None:
+    """What a transceiver sends (headers it already holds) is a bundle like any other; an
+    empty payload (a route release) is a record too."""
+    clients = [("198.51.100.4", 40000), ("2001:db8::7", 9)]
+    records = [(encode_header(*clients[0]), b"\x80rtp"), (encode_header(*clients[1]), b"")]
+    bundle = bundle_of_records(records)
+    assert bundle == bundle_encode([(clients[0], b"\x80rtp"), (clients[1], b"")])
+    assert list(bundle_decode(bundle)) == [(clients[0], b"\x80rtp"), (clients[1], b"")]
+    with pytest.raises(RelayBundleError, match="at least one record"):
+        bundle_of_records([])
+    with pytest.raises(RelayBundleError, match="24 bytes"):
+        bundle_of_records([(b"short", b"")])
 
 
 def test_bundle_encode_rejects_what_no_bundle_can_carry() -> None:
