@@ -155,6 +155,31 @@ class Client:
         self.sock.close()
 
 
+def process_running(pid: int) -> bool:
+    """Whether process ``pid`` exists and is not a zombie (exited, not yet reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # someone else's process: it exists
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def still_running_after(pids: list[int], timeout: float) -> list[int]:
+    """Wait up to ``timeout`` s for every process of ``pids`` to end; those that did not."""
+    deadline = time.monotonic() + timeout
+    while (running := [pid for pid in pids if process_running(pid)]) and (
+        time.monotonic() < deadline
+    ):
+        time.sleep(0.1)
+    return running
+
+
 def wait_until(predicate, timeout: float = 10.0, interval: float = 0.05, what: str = "") -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -120,6 +120,17 @@ def _tap_arrivals(pc: RTCPeerConnection, arrivals: list[float], on_first) -> Non
     transport._handle_rtp_data = handle
 
 
+def _wait_for_listener(port: int, timeout: float = 15.0) -> None:
+    """Until a TCP connect to 127.0.0.1:``port`` succeeds (the backend listens), or
+    ``timeout``; what follows fails plainly if it never does."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+
+
 AGENT_FLEET = """
 [fleet]
 name = "{name}"
@@ -167,12 +178,7 @@ def agent(tmp_path):
         stdout=log,
         stderr=subprocess.STDOUT,
     )
-    deadline = time.monotonic() + 15
-    while time.monotonic() < deadline:
-        with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
-                break
-        time.sleep(0.05)
+    _wait_for_listener(port)
     try:
         yield f"ws://127.0.0.1:{port}/call", tmp_path / "agent.log"
     finally:
@@ -326,12 +332,7 @@ def test_out_of_process_echo_backend_echoes_the_tone(tmp_path, codec):
         stderr=subprocess.DEVNULL,
     )
     try:
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            with socket.socket() as probe:
-                if probe.connect_ex(("127.0.0.1", port)) == 0:
-                    break
-            time.sleep(0.05)
+        _wait_for_listener(port)
         fleet = _fleet(tmp_path, f"ws://127.0.0.1:{port}/call", codec)
         try:
             whip = fleet.status()["signaling_url"] + "whip"

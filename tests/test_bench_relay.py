@@ -18,7 +18,6 @@ import threading
 from array import array
 from pathlib import Path
 
-import psutil
 import pytest
 from click.testing import CliRunner
 
@@ -44,6 +43,8 @@ from voxrelay.bench.relay_bench import (
     scaling,
 )
 from voxrelay.proto.relay_header import HEADER_SIZE, bundle_encode, decode_header, encode_header
+
+from fleet import process_running
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -155,14 +156,7 @@ def _assert_all_stopped(stdout: str, counts: int) -> None:
     )
     assert len(started) == counts, stdout
     pids = [int(p) for groups in started for group in groups for p in group.split(",")]
-    assert [pid for pid in pids if psutil.pid_exists(pid) and _is_running(pid)] == []
-
-
-def _is_running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert [pid for pid in pids if process_running(pid)] == []
 
 
 def test_naive_forwarder_does_the_relays_work_both_ways(tmp_path: Path) -> None:

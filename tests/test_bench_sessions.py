@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import av
-import psutil
 import pytest
 from aiohttp import ClientSession
 from aioice import stun
@@ -63,6 +62,8 @@ from voxrelay.bench.sessions_bench import (
     sessions_command,
 )
 from voxrelay.proto.dtls import generate_certificate
+
+from fleet import still_running_after
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PASSTHROUGH = ("voxrelay", "aiortc", "aiortc-tap")
@@ -194,17 +195,7 @@ def test_bench_sessions_runs_both_modes_beside_aiortc_and_cleans_up(tmp_path: Pa
     pids = [p for s in data["servers"].values() for g in s["system"]["pids"].values() for p in g]
     pids += data["callers"]["pids"]
     assert len(pids) == 3 + 1 + 1 + 4 + 1 + 2
-    deadline = time.monotonic() + 10
-    while [pid for pid in pids if _running(pid)] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in pids if _running(pid)]
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert still_running_after(pids, timeout=10) == []
 
 
 def test_caller_payloads_are_valid_opus_carrying_their_trailer() -> None:

@@ -14,10 +14,8 @@ import asyncio
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 from aiohttp import ClientSession
 from aiortc.rtp import RtpPacket
@@ -32,6 +30,8 @@ from voxrelay.bench.setup_bench import (
     encoded_tone,
     percentile,
 )
+
+from fleet import still_running_after
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -108,17 +108,7 @@ def test_bench_setup_writes_json_png_and_table_and_cleans_up(tmp_path: Path) -> 
     pids = [pid for group in data["servers"]["voxrelay"]["pids"].values() for pid in group]
     pids += data["servers"]["aiortc"]["pids"]["server"]
     assert len(pids) == 3
-    deadline = time.monotonic() + 5
-    while [pid for pid in pids if _running(pid)] and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not [pid for pid in pids if _running(pid)]
-
-
-def _running(pid: int) -> bool:
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
+    assert still_running_after(pids, timeout=5) == []
 
 
 def test_aiortc_baseline_echoes_the_callers_packets_untouched() -> None:

@@ -29,6 +29,7 @@ from fleet import (
     Fleet,
     binding_request,
     kill_quietly,
+    process_running,
     rtp_packet,
     running_fleet,
     wait_until,
@@ -341,7 +342,7 @@ def test_whole_relay_restart_recovers_routes_from_redis_without_stun(tmp_path, t
             pids = [fleet.supervisor_pid, *fleet.worker_pids()]
             for pid in pids:
                 kill_quietly(pid, signal.SIGKILL)
-            wait_until(lambda: not any(_alive(p) for p in pids), what="relay dead")
+            wait_until(lambda: not any(process_running(p) for p in pids), what="relay dead")
             (fleet.runtime_dir / "state.json").unlink(missing_ok=True)
             fleet.up()  # same config, same public port is not guaranteed: use the new one
             for client in clients:
@@ -355,18 +356,6 @@ def test_whole_relay_restart_recovers_routes_from_redis_without_stun(tmp_path, t
             assert status["routing_table"]["entries"] == 5
             for client in clients:
                 client.close()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.redis
