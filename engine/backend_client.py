@@ -18,7 +18,7 @@ a backend.
 Codecs: with ``codec="opus"`` the caller's Opus packets pass through untouched and the
 backend's Opus packets go out untouched. With ``codec="pcm16"`` the transceiver decodes the
 caller to 20 ms frames of mono int16 PCM at ``sample_rate`` and encodes the backend's PCM
-to Opus, with PyAV (imported only then).
+to Opus, with libopus (:mod:`voxrelay.engine.opus`).
 """
 
 from __future__ import annotations
@@ -29,11 +29,11 @@ import logging
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 
 import aiohttp
 
 from voxrelay.engine.backends import Call
+from voxrelay.engine.opus import OpusDecoder, OpusEncoder, OpusError, libopus_version
 from voxrelay.proto.backend_wire import (
     CODEC_OPUS,
     CODEC_PCM16,
@@ -161,7 +161,7 @@ class WebSocketBackend:
         client: aiohttp.ClientSession | None = None,
     ) -> None:
         if settings.codec == CODEC_PCM16 or settings.vad:
-            import av  # noqa: F401  (fail at startup, not at the first call, if PyAV is missing)
+            libopus_version()  # fail at startup, not at the first call, without libopus
         self.settings = settings
         self._metadata = metadata
         self._client = client
@@ -663,7 +663,7 @@ class _CallLink:
         else:
             try:
                 packets = self._encoder.encode(frame.payload)
-            except Exception as error:  # PyAV raises its own errors; none may escape here
+            except Exception as error:  # OpusError, or a bug: none may escape here
                 log.exception("Opus encoder failed", extra={"call": self.call.id})
                 message = f"Opus encoder failed: {error}"[:1024]
                 self.fail(
@@ -743,63 +743,44 @@ class _CallerStream:
 
 
 class _OpusToPcm:
-    """Opus at 48 kHz -> 20 ms frames of mono int16 PCM at the session rate (PyAV)."""
+    """Opus -> 20 ms frames of mono int16 PCM at the session rate (libopus decodes straight
+    to it)."""
 
     def __init__(self, sample_rate: int) -> None:
-        import av
-
-        self._av = av
         self.sample_rate = sample_rate
         self.frame_bytes = pcm16_frame_bytes(sample_rate)
-        self._decoder = av.CodecContext.create("opus", "r")
-        self._decoder.sample_rate = OPUS_SAMPLE_RATE
-        self._decoder.layout = "mono"
-        self._resampler = av.AudioResampler(format="s16", layout="mono", rate=sample_rate)
+        self._decoder = OpusDecoder(sample_rate)
         self._pending = bytearray()
         self._timestamp = 0
 
     def decode(self, packet: bytes, silence_48k: int) -> list[tuple[bytes, int]]:
         """Decode one packet after ``silence_48k`` missing samples; return whole frames."""
-        if silence_48k:
-            self._pending += bytes(silence_48k * self.sample_rate // OPUS_SAMPLE_RATE * 2)
         try:
-            for decoded in self._decoder.decode(self._av.Packet(packet)):
-                for converted in self._resampler.resample(decoded):
-                    self._pending += bytes(converted.planes[0])[: converted.samples * 2]
-        except (self._av.FFmpegError, ValueError) as error:
+            pcm = self._decoder.decode(packet)
+        except OpusError as error:
             raise BackendProtocolError(f"caller Opus packet does not decode: {error}") from None
-        frames: list[tuple[bytes, int]] = []
         size = self.frame_bytes
-        while len(self._pending) >= size:
-            frames.append((bytes(self._pending[:size]), self._timestamp))
-            del self._pending[:size]
+        pending = self._pending
+        if silence_48k:
+            pending += bytes(silence_48k * self.sample_rate // OPUS_SAMPLE_RATE * 2)
+        if not pending and len(pcm) == size:  # the usual case: one 20 ms packet, one frame
+            frame = (pcm, self._timestamp)
+            self._timestamp = (self._timestamp + size // 2) & 0xFFFFFFFF
+            return [frame]
+        pending += pcm
+        frames: list[tuple[bytes, int]] = []
+        while len(pending) >= size:
+            frames.append((bytes(pending[:size]), self._timestamp))
+            del pending[:size]
             self._timestamp = (self._timestamp + size // 2) & 0xFFFFFFFF
         return frames
 
 
 class _PcmToOpus:
-    """20 ms frames of mono int16 PCM at the session rate -> Opus packets (PyAV, libopus)."""
+    """20 ms frames of mono int16 PCM at the session rate -> Opus packets (libopus)."""
 
     def __init__(self, sample_rate: int, bitrate: int) -> None:
-        import av
-
-        self._av = av
-        self.sample_rate = sample_rate
-        self._samples = sample_rate // 50
-        encoder = av.CodecContext.create("libopus", "w")
-        encoder.sample_rate = sample_rate
-        encoder.layout = "mono"
-        encoder.format = "s16"
-        encoder.bit_rate = bitrate
-        encoder.options = {"application": "voip", "frame_duration": "20"}
-        encoder.open()
-        self._encoder: Any = encoder
-        self._pts = 0
+        self._encoder = OpusEncoder(sample_rate, bitrate)
 
     def encode(self, pcm: bytes) -> list[bytes]:
-        frame = self._av.AudioFrame(format="s16", layout="mono", samples=self._samples)
-        frame.planes[0].update(pcm)
-        frame.sample_rate = self.sample_rate
-        frame.pts = self._pts
-        self._pts += self._samples
-        return [bytes(packet) for packet in self._encoder.encode(frame)]
+        return [self._encoder.encode(pcm)]

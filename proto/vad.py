@@ -31,7 +31,7 @@ __all__ = ["SpeechStarted", "SpeechStopped", "VadEvent", "VoiceActivityDetector"
 _SILENCE_DBFS: Final = -120.0
 _FLOOR_MIN_DBFS: Final = -90.0
 
-try:  # 30x faster for 960-sample frames; PyAV (the Opus codec) brings it along
+try:  # 30x faster for 960-sample frames, when installed (the bench and test extras bring it)
     import numpy as _numpy
 except ImportError:  # pragma: no cover - the pure-Python path is tested via monkeypatch
     _numpy = None
