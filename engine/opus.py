@@ -20,6 +20,7 @@ import ctypes.util
 import glob
 import importlib.util
 import os
+import threading
 from functools import cache
 from typing import Final
 
@@ -115,6 +116,19 @@ def _reason(code: int) -> str:
     return _lib().opus_strerror(code).decode(errors="replace")
 
 
+class _Scratch(threading.local):
+    """Output buffers libopus writes into, one pair per thread rather than per call: a
+    call's PCM or packet is copied out at once, so thousands of calls need not each hold
+    ~8 KiB of buffers."""
+
+    def __init__(self) -> None:
+        self.pcm = ctypes.create_string_buffer(max(OPUS_RATES) * _MAX_PACKET_MS // 1000 * 2)
+        self.packet = ctypes.create_string_buffer(_MAX_PACKET_BYTES)
+
+
+_scratch = _Scratch()
+
+
 def _check_rate(sample_rate: int) -> None:
     if sample_rate not in OPUS_RATES:
         raise OpusError(f"sample rate must be one of {OPUS_RATES}, got {sample_rate!r}")
@@ -123,7 +137,7 @@ def _check_rate(sample_rate: int) -> None:
 class OpusDecoder:
     """Mono Opus packets -> int16 PCM at ``sample_rate``, whatever rate they were coded at."""
 
-    __slots__ = ("_decode", "_out", "_state", "max_samples", "sample_rate")
+    __slots__ = ("_decode", "_state", "max_samples", "sample_rate")
 
     def __init__(self, sample_rate: int) -> None:
         _check_rate(sample_rate)
@@ -134,7 +148,6 @@ class OpusDecoder:
         if code != _OK:
             raise OpusError(f"decoder init failed: {_reason(code)}")
         self.max_samples = sample_rate * _MAX_PACKET_MS // 1000
-        self._out = ctypes.create_string_buffer(self.max_samples * 2)
         self._decode = lib.opus_decode
 
     def decode(self, packet: bytes | bytearray | memoryview) -> bytes:
@@ -143,16 +156,17 @@ class OpusDecoder:
             packet = bytes(packet)
         if not packet:
             raise OpusError("empty packet (a lost packet is not decoded here)")
-        samples = self._decode(self._state, packet, len(packet), self._out, self.max_samples, 0)
+        out = _scratch.pcm
+        samples = self._decode(self._state, packet, len(packet), out, self.max_samples, 0)
         if samples < 0:
             raise OpusError(_reason(samples))
-        return ctypes.string_at(self._out, samples * 2)
+        return ctypes.string_at(out, samples * 2)
 
 
 class OpusEncoder:
     """20 ms frames of mono int16 PCM at ``sample_rate`` -> one Opus packet each (VoIP mode)."""
 
-    __slots__ = ("_encode", "_out", "_state", "frame_bytes", "frame_samples", "sample_rate")
+    __slots__ = ("_encode", "_state", "frame_bytes", "frame_samples", "sample_rate")
 
     def __init__(self, sample_rate: int, bitrate: int, complexity: int = 10) -> None:
         _check_rate(sample_rate)
@@ -175,7 +189,6 @@ class OpusEncoder:
             code = lib.opus_encoder_ctl(self._state, ctypes.c_int(request), ctypes.c_int(value))
             if code != _OK:
                 raise OpusError(f"encoder setting {request} = {value} refused: {_reason(code)}")
-        self._out = ctypes.create_string_buffer(_MAX_PACKET_BYTES)
         self._encode = lib.opus_encode
 
     def encode(self, pcm: bytes | bytearray | memoryview) -> bytes:
@@ -187,7 +200,8 @@ class OpusEncoder:
                 f"a 20 ms frame at {self.sample_rate} Hz holds {self.frame_bytes} bytes, "
                 f"got {len(pcm)}"
             )
-        size = self._encode(self._state, pcm, self.frame_samples, self._out, _MAX_PACKET_BYTES)
+        out = _scratch.packet
+        size = self._encode(self._state, pcm, self.frame_samples, out, _MAX_PACKET_BYTES)
         if size < 0:
             raise OpusError(_reason(size))
-        return ctypes.string_at(self._out, size)
+        return ctypes.string_at(out, size)
