@@ -135,7 +135,8 @@ def _check_rate(sample_rate: int) -> None:
 
 
 class OpusDecoder:
-    """Mono Opus packets -> int16 PCM at ``sample_rate``, whatever rate they were coded at."""
+    """Opus packets -> mono int16 PCM at ``sample_rate``, whatever rate they were coded at
+    (stereo packets are mixed down)."""
 
     __slots__ = ("_decode", "_state", "max_samples", "sample_rate")
 

@@ -101,6 +101,23 @@ def test_ffmpeg_encoded_48khz_packets_decode_straight_to_16khz() -> None:
     assert dominant_hz(settled, 16_000) == pytest.approx(440, rel=0.02)
 
 
+def test_stereo_packets_are_mixed_down_to_mono() -> None:
+    encoder = av.CodecContext.create("libopus", "w")
+    encoder.sample_rate, encoder.layout, encoder.format = 48_000, "stereo", "s16"
+    encoder.open()
+    packets = []
+    for index, pcm in enumerate(tone(48_000, 10)):
+        frame = av.AudioFrame(format="s16", layout="stereo", samples=960)
+        left = struct.unpack("<960h", pcm)
+        frame.planes[0].update(struct.pack("<1920h", *(v for s in left for v in (s, s))))
+        frame.sample_rate, frame.pts = 48_000, index * 960
+        packets += [bytes(packet) for packet in encoder.encode(frame)]
+    decoder = OpusDecoder(16_000)
+    decoded = [decoder.decode(packet) for packet in packets]
+    assert {len(pcm) for pcm in decoded} == {640}
+    assert dominant_hz(samples_of(b"".join(decoded[3:])), 16_000) == pytest.approx(440, rel=0.02)
+
+
 def test_corrupt_packets_and_wrong_frames_raise_opus_errors() -> None:
     decoder = OpusDecoder(16_000)
     with pytest.raises(OpusError, match="empty packet"):
