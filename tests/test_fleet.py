@@ -404,6 +404,21 @@ def _paused(fleet: Fleet) -> Iterator[None]:
         os.kill(worker, signal.SIGCONT)
 
 
+def _routed_clients(
+    fleet: Fleet, transceiver: FakeTransceiver, count: int, ufrag_prefix: str
+) -> list[Client]:
+    """``count`` clients, each routed by its own binding request, once every request has
+    reached the transceiver (which need not echo, unlike :func:`_establish`)."""
+    clients = [Client(fleet.relay) for _ in range(count)]
+    for index, client in enumerate(clients):
+        client.send(binding_request(fleet.token(), f"{ufrag_prefix}{index}"))
+    wait_until(
+        lambda: all(transceiver.payloads_from(c.address) for c in clients),
+        what="every route",
+    )
+    return clients
+
+
 def _media(client_index: int, seq: int, size: int) -> bytes:
     """An RTP-shaped datagram of ``size`` bytes that names its client and sequence number."""
     head = bytes([0x80, 111]) + seq.to_bytes(2, "big") + client_index.to_bytes(4, "big")
@@ -421,13 +436,7 @@ def test_a_flood_from_many_clients_arrives_complete_and_in_order(tmp_path, bundl
         with running_fleet(
             tmp_path, [transceiver], workers=1, bundle_max_bytes=bundle_max_bytes
         ) as fleet:
-            clients = [Client(fleet.relay) for _ in range(40)]
-            for index, client in enumerate(clients):
-                client.send(binding_request(fleet.token(), f"c{index}"))
-            wait_until(
-                lambda: all(transceiver.payloads_from(c.address) for c in clients),
-                what="every route",
-            )
+            clients = _routed_clients(fleet, transceiver, 40, "c")
             sent: dict[tuple, list[bytes]] = {c.address: [] for c in clients}
             with _paused(fleet):
                 for seq in range(25):
@@ -538,13 +547,7 @@ def test_bundled_replies_from_a_transceiver_reach_every_client_in_order(tmp_path
     transceiver = FakeTransceiver(1, echo=False)
     try:
         with running_fleet(tmp_path, [transceiver], workers=1, batch_size=8) as fleet:
-            clients = [Client(fleet.relay) for _ in range(12)]
-            for index, client in enumerate(clients):
-                client.send(binding_request(fleet.token(), f"b{index}"))
-            wait_until(
-                lambda: all(transceiver.payloads_from(c.address) for c in clients),
-                what="every route",
-            )
+            clients = _routed_clients(fleet, transceiver, 12, "b")
             (relay_internal,) = transceiver.relays
             expected: dict[tuple, list[bytes]] = {c.address: [] for c in clients}
             for round_index in range(6):
