@@ -49,6 +49,7 @@ from voxrelay.proto.rtcp import (
     rtt_from_report_block,
 )
 from voxrelay.proto.rtp import SequenceTracker, ntp_middle32, ntp_timestamp
+from voxrelay.proto.srtp import SrtpContext
 
 __all__ = [
     "MAX_REMOTE_SOURCES",
@@ -78,9 +79,13 @@ _SRTP_POLICY: Final = {
 }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class AudioReceived:
-    """One decrypted RTP packet of the peer's audio."""
+    """One decrypted RTP packet of the peer's audio.
+
+    Not frozen, unlike the other events: one is made for every packet of every call, and
+    a frozen dataclass's ``__init__`` costs five times as much. Treat it as read-only.
+    """
 
     payload: bytes
     payload_type: int
@@ -140,8 +145,8 @@ class MediaStream:
         """Latest RTT from the peer's RTCP reports about our stream (RFC 3550 6.4.1)."""
         self.next_rtcp_at: float | None = None
 
-        self._tx: pylibsrtp.Session | None = None
-        self._rx: pylibsrtp.Session | None = None
+        self._tx: SrtpContext | None = None
+        self._rx: SrtpContext | None = None
         # Outbound RTP state; random starts as RFC 3550 5.1 asks.
         self._sequence = random.getrandbits(16)
         self._timestamp = random.getrandbits(32)
@@ -190,8 +195,8 @@ class MediaStream:
             srtp_profile=profile,
         )
         inbound.window_size = self.srtp_replay_window
-        self._tx = pylibsrtp.Session(outbound)
-        self._rx = pylibsrtp.Session(inbound)
+        self._tx = SrtpContext(outbound)
+        self._rx = SrtpContext(inbound)
         self._schedule_rtcp(now)
         return True
 
