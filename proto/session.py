@@ -170,6 +170,10 @@ class CallSession(CallStatus):
         self._outgoing: list[tuple[bytes, Address]] = []
         self._closed_reason: str | None = None
         self._ice_connected = False
+        # get_timer() runs after every datagram; RTP in and out never move a timer, so
+        # the answer is kept until an input that may move one (everything else) comes.
+        self._timer_due: float | None = None
+        self._timer_stale = True
         self._media = MediaStream(
             self.dtls,
             ssrc=ssrc,
@@ -200,6 +204,8 @@ class CallSession(CallStatus):
             self.drops["closed" if data else "empty"] += 1
             return
         first = data[0]
+        if not 128 <= first <= 191 or (len(data) >= 2 and 192 <= data[1] <= 223):
+            self._timer_stale = True  # all but RTP: ICE, DTLS and RTCP (BYE ends the call)
         if first <= 3:
             response = self.ice.receive_stun(data, addr, now)
             if response is not None:
@@ -223,6 +229,7 @@ class CallSession(CallStatus):
         """Run whatever is due: consent expiry, DTLS retransmission, RTCP, setup timeout."""
         if self._closed_reason is not None:
             return
+        self._timer_stale = True
         self.ice.handle_timer(now)
         self._drain_ice(now)
         if self._closed_reason is not None:
@@ -253,6 +260,7 @@ class CallSession(CallStatus):
     def close(self, now: float, reason: str = "closed by server") -> None:
         """End the call politely: RTCP BYE and DTLS close_notify when possible."""
         if self._closed_reason is None:
+            self._timer_stale = True
             self._close(reason, now, polite=True)
 
     # ----------------------------------------------------------------- outputs
@@ -266,6 +274,12 @@ class CallSession(CallStatus):
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` is next due, or None once closed."""
+        if self._timer_stale:
+            self._timer_due = self._next_timer()
+            self._timer_stale = False
+        return self._timer_due
+
+    def _next_timer(self) -> float | None:
         if self._closed_reason is not None:
             return None
         due = self._media.get_timer()

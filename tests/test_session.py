@@ -173,6 +173,9 @@ class CallPair:
         deadline = self.now + timeout
         for _ in range(200_000):
             self.collect()
+            # The server keeps its timer from one input to the next unless the input may
+            # move it: after every step, what it keeps is what it would work out afresh.
+            assert self.server.get_timer() == self.server._next_timer(), "stale timer"
             if condition():
                 return True
             due = [
