@@ -45,8 +45,8 @@ from voxrelay.proto.relay_header import (
     HEADER_SIZE,
     RECORD_OVERHEAD,
     RelayBundleError,
-    bundle_decode,
     bundle_of_records,
+    bundle_records,
     decode_header,
     header_from_address,
 )
@@ -188,6 +188,9 @@ class Transceiver:
         self.calls: dict[str, CallHandle] = {}
         self._by_ufrag: dict[bytes, CallHandle] = {}
         self._by_address: dict[Address, CallHandle] = {}
+        # Validated relayed clients by relay header (their route key): a known client's
+        # media skips decoding the header into address text.
+        self._by_header: dict[bytes, tuple[CallHandle, Address]] = {}
         self._via: dict[Address, tuple] = {}  # client -> relay worker that last forwarded it
         self.transport: _UdpEndpoint | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -320,6 +323,9 @@ class Transceiver:
         for address in call.addresses:
             if self._by_address.get(address) is call:
                 del self._by_address[address]
+                header = call.headers.get(address)
+                if header is not None and self._by_header.get(header, (None,))[0] is call:
+                    del self._by_header[header]
                 via = self._via.pop(address, None)
                 if via is not None and self.transport is not None:
                     # A bare relay header releases the client's route at once, instead of
@@ -356,30 +362,41 @@ class Transceiver:
         if not data:
             self.drops["empty"] += 1
             return
-        if data[0] == BUNDLE_MARKER:
+        first = data[0]
+        if first == BUNDLE_MARKER:
             # Several clients' datagrams from one relay worker: a malformed record ends the
             # bundle, the records before it stand.
             try:
-                for client, payload in bundle_decode(data):
-                    self._client_datagram(client, payload, addr)
+                for header, payload in bundle_records(data):
+                    if not self._relayed_datagram(header, payload, addr):
+                        self.drops["bad_relay_bundle"] += 1
+                        return
             except RelayBundleError:
                 self.drops["bad_relay_bundle"] += 1
             return
-        via: tuple | None = None
-        if data[0] == _RELAY_HEADER_FIRST_BYTE:
-            try:
-                client = decode_header(data)
-            except ProtocolError:
+        if first == _RELAY_HEADER_FIRST_BYTE:
+            if not self._relayed_datagram(data[:HEADER_SIZE], data[HEADER_SIZE:], addr):
                 self.drops["bad_relay_header"] += 1
-                return
-            via = addr
-            payload = data[HEADER_SIZE:]
-        else:
-            client = (addr[0], addr[1])
-            payload = data
-        self._client_datagram(client, payload, via)
+            return
+        self._client_datagram((addr[0], addr[1]), data, None)
 
-    def _client_datagram(self, client: tuple, payload: bytes, via: tuple | None) -> None:
+    def _relayed_datagram(self, header: bytes, payload: bytes, via: tuple) -> bool:
+        """One datagram of the client ``header`` names, forwarded by relay worker ``via``;
+        False if the header is malformed."""
+        known = self._by_header.get(header)
+        if known is not None and payload and payload[0] > 3:
+            # Media of a validated client, the hot path. STUN takes the long way: it finds
+            # its call by ufrag, which may have moved to a newer call.
+            self._deliver(known[0], known[1], payload, via)
+            return True
+        try:
+            client = decode_header(header)
+        except ProtocolError:
+            return False
+        self._client_datagram(client, payload, via)
+        return True
+
+    def _client_datagram(self, client: Address, payload: bytes, via: tuple | None) -> None:
         """One datagram of ``client``: direct (``via`` None) or through the relay worker ``via``."""
         if not payload:
             self.drops["empty"] += 1
@@ -392,8 +409,12 @@ class Transceiver:
             call = self._by_address.get(client)
             if call is None:
                 self.drops["unknown_address"] += 1
-        if call is None:
-            return
+        if call is not None:
+            self._deliver(call, client, payload, via)
+
+    def _deliver(
+        self, call: CallHandle, client: Address, payload: bytes, via: tuple | None
+    ) -> None:
         if via is not None:
             self._via[client] = via
         else:
@@ -401,12 +422,24 @@ class Transceiver:
         session = call.session
         session.receive_datagram(payload, client, self.now())
         if payload[0] <= 3 and client not in call.addresses and session.ice.is_validated(client):
-            previous = self._by_address.get(client)
-            if previous is not None and previous is not call:
-                previous.addresses.discard(client)
-            call.addresses.add(client)
-            self._by_address[client] = call
+            self._adopt_address(call, client, relayed=via is not None)
         self._after_input(call)
+
+    def _adopt_address(self, call: CallHandle, client: Address, *, relayed: bool) -> None:
+        """``client`` passed an ICE check of ``call``: its media now finds the call."""
+        previous = self._by_address.get(client)
+        if previous is not None and previous is not call:
+            previous.addresses.discard(client)
+            stale = previous.headers.get(client)
+            if stale is not None:
+                self._by_header.pop(stale, None)
+        call.addresses.add(client)
+        self._by_address[client] = call
+        if relayed:
+            header = call.headers.get(client)
+            if header is None:
+                header = call.headers[client] = header_from_address(client)
+            self._by_header[header] = (call, client)
 
     def _call_for_stun(self, payload: bytes) -> CallHandle | None:
         try:
@@ -463,9 +496,10 @@ class Transceiver:
         read batch, one timer round) leave as one bundle datagram: the kernel's cost per
         UDP send, on both ends, dominates the cost of an echoed packet.
         """
-        if self.transport is None:
+        datagrams = call.session.datagrams_to_send()
+        if not datagrams or self.transport is None:
             return
-        for datagram, client in call.session.datagrams_to_send():
+        for datagram, client in datagrams:
             via = self._via.get(client)
             if via is None:
                 self._direct_out.append((datagram, client))

@@ -64,6 +64,7 @@ __all__ = [
     "bundle_decode",
     "bundle_encode",
     "bundle_of_records",
+    "bundle_records",
     "decode_header",
     "encode_header",
     "encode_record",
@@ -246,6 +247,21 @@ def bundle_decode(data: _Buffer) -> Iterator[tuple[tuple[str, int], _Buffer]]:
     :class:`RelayBundleError` is raised, so a receiver keeps what arrived intact and counts
     one drop. An empty ``data`` is malformed (a bundle has at least one record).
     """
+    return _records(data, decode=True)
+
+
+def bundle_records(data: _Buffer) -> Iterator[tuple[_Buffer, _Buffer]]:
+    """Yield ``(header, payload)`` for each record of the bundle ``data``, the 24-byte
+    header left undecoded; framing is checked as :func:`bundle_decode` checks it.
+
+    For a receiver that keeps its known clients by route key: it looks each header up as
+    bytes and runs :func:`decode_header` only on the ones it does not know, instead of
+    turning every record's header into address text.
+    """
+    return _records(data, decode=False)
+
+
+def _records(data: _Buffer, *, decode: bool) -> Iterator[tuple]:
     size = len(data)
     if size == 0:
         raise RelayBundleError("empty bundle: a bundle has at least one record")
@@ -274,12 +290,14 @@ def bundle_decode(data: _Buffer) -> Iterator[tuple[tuple[str, int], _Buffer]]:
                 index,
                 offset,
             )
-        try:
-            client = decode_header(data[offset + RECORD_PREFIX_SIZE : start])
-        except RelayHeaderError as error:
-            raise RelayBundleError(
-                f"bundle record {index} at offset {offset}: {error}", index, offset
-            ) from None
-        yield client, data[start:end]
+        header = data[offset + RECORD_PREFIX_SIZE : start]
+        if decode:
+            try:
+                header = decode_header(header)
+            except RelayHeaderError as error:
+                raise RelayBundleError(
+                    f"bundle record {index} at offset {offset}: {error}", index, offset
+                ) from None
+        yield header, data[start:end]
         offset = end
         index += 1

@@ -1,6 +1,7 @@
 """The relay header (docs/internals.md, "Relay header"): exact bytes, canonical route keys,
 and a decoder that rejects every malformed header with RelayHeaderError alone."""
 
+import contextlib
 import ipaddress
 import socket
 import struct
@@ -24,6 +25,7 @@ from voxrelay.proto.relay_header import (
     bundle_decode,
     bundle_encode,
     bundle_of_records,
+    bundle_records,
     decode_header,
     encode_header,
     encode_record,
@@ -384,6 +386,22 @@ def test_bundle_decode_yields_records_in_order_with_payload_slices() -> None:
     assert [(c, bytes(p)) for c, p in decoded] == list(bundle_decode(bundle))
 
 
+def test_bundle_records_yield_headers_as_route_keys_and_check_framing_only() -> None:
+    clients = [("192.0.2.1", 1), ("2001:db8::7", 9)]
+    bundle = bundle_encode([(clients[0], b"one"), (clients[1], b"")])
+    assert list(bundle_records(bundle)) == [
+        (encode_header(*clients[0]), b"one"),
+        (encode_header(*clients[1]), b""),
+    ]
+    # The header's contents are the receiver's to check (it decodes unknown ones) ...
+    odd = raw_record(raw_header(version=3), b"x")
+    assert list(bundle_records(odd)) == [(raw_header(version=3), b"x")]
+    # ... the framing is checked as bundle_decode checks it.
+    with pytest.raises(RelayBundleError, match="claims 3 payload bytes") as caught:
+        list(bundle_records(GOOD + raw_record(raw_header(), b"abc")[:-1]))
+    assert (caught.value.index, caught.value.offset) == (1, len(GOOD))
+
+
 def test_encode_record_is_what_bundle_encode_joins() -> None:
     header = encode_header("198.51.100.4", 40000)
     assert encode_record(header, b"xy") == b"\x02\x00\x00\x02" + header + b"xy"
@@ -470,7 +488,12 @@ def _decode_until_rejected(data: bytes) -> tuple[list, bool]:
 @settings(max_examples=300)
 @given(data=st.binary(max_size=120).map(lambda b: b"\x02" + b))
 def test_random_bundles_raise_only_relay_bundle_error(data: bytes) -> None:
-    _decode_until_rejected(data)
+    decoded, _ = _decode_until_rejected(data)
+    framed: list = []
+    with contextlib.suppress(RelayBundleError):
+        framed.extend(bundle_records(data))
+    # Records bundle_decode accepted are the ones whose framing bundle_records accepted.
+    assert [payload for _, payload in decoded] == [p for _, p in framed][: len(decoded)]
 
 
 @settings(max_examples=300)

@@ -227,3 +227,114 @@ def test_replies_to_a_relay_bundle_go_back_bundled_within_the_limit(limit):
                 assert transceiver.bundles_out == 0 and len(datagrams) == len(clients)
 
     asyncio.run(scenario())
+
+
+class _RelayedCaller:
+    """A sans-IO caller whose datagrams reach the transceiver as a relay worker forwards
+    them: from one "worker" socket, each behind the client's relay header."""
+
+    def __init__(self, transceiver, relay: socket.socket, client: tuple[str, int]) -> None:
+        import time
+
+        from voxrelay.proto.caller import CallerSession
+        from voxrelay.proto.dtls import generate_certificate
+
+        self.transceiver = transceiver
+        self.relay = relay
+        self.client = client
+        self.loop = asyncio.get_running_loop()
+        self.session = CallerSession(generate_certificate(time.time()), now=self.loop.time())
+        self.heard: list[bytes] = []
+        self.location = ""
+
+    async def dial(self, http: ClientSession, url: str) -> None:
+        offer = self.session.offer_sdp(*self.client)
+        async with http.post(url, data=offer, headers=_sdp) as reply:
+            assert reply.status == 201
+            self.location = reply.headers["Location"]
+            self.session.accept_answer(await reply.text(), self.loop.time())
+
+    async def pump(self, until, timeout: float = 5.0) -> None:
+        """Move datagrams both ways until ``until()``; other clients' replies are dropped."""
+        from voxrelay.proto.relay_header import bundle_decode, decode_header, encode_header
+        from voxrelay.proto.session import AudioReceived
+
+        header = encode_header(*self.client)
+        deadline = self.loop.time() + timeout
+        while not until():
+            assert self.loop.time() < deadline, "timed out"
+            session = self.session
+            timer = session.get_timer()
+            if timer is not None and timer <= self.loop.time():
+                session.handle_timer(self.loop.time())
+            for datagram in session.datagrams_to_send():
+                self.relay.sendto(header + datagram, ("127.0.0.1", self.transceiver.port))
+            await asyncio.sleep(0.005)
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    datagram = self.relay.recv(65536)
+                    if datagram[0] == 2:
+                        records = [(c, bytes(p)) for c, p in bundle_decode(datagram)]
+                    else:
+                        records = [(decode_header(datagram), datagram[24:])]
+                    for client, payload in records:
+                        if client == self.client and payload:
+                            session.receive_datagram(payload, self.loop.time())
+            while (event := session.next_event()) is not None:
+                if isinstance(event, AudioReceived):
+                    self.heard.append(event.payload)
+
+    async def talk(self, frames: list[bytes]) -> None:
+        """Send ``frames`` and wait for their echo."""
+        for frame in frames:
+            self.session.send_audio(frame, self.loop.time())
+        await self.pump(lambda: set(frames) <= set(self.heard))
+
+
+def test_relayed_media_follows_its_address_to_a_newer_call_and_stops_with_it():
+    """Relayed media finds its call by the client's relay header without decoding it. When
+    a new call's ICE check takes over an address an older call held (a client that restarted
+    behind the same NAT port), that address's media goes to the new call; hanging up the old
+    call leaves the new one's route alone; after the new call ends its media is dropped."""
+
+    async def scenario():
+        async with running_transceiver() as (transceiver, server):
+            relay = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            relay.bind(("127.0.0.1", 0))
+            relay.setblocking(False)
+            client = ("127.0.0.1", 42000)
+            async with ClientSession() as http:
+                old = _RelayedCaller(transceiver, relay, client)
+                await old.dial(http, server.url + "whip")
+                await old.pump(lambda: old.session.is_connected)
+                await old.talk([b"old %d" % i for i in range(5)])
+
+                new = _RelayedCaller(transceiver, relay, client)
+                await new.dial(http, server.url + "whip")
+                await new.pump(lambda: new.session.is_connected)
+                await new.talk([b"new %d" % i for i in range(5)])
+                old_call = next(c for c in transceiver.calls.values() if c.id in old.location)
+                assert old_call.session.drops["srtp_auth_failed"] == 0  # none went astray
+
+                async with http.delete(server.url.rstrip("/") + old.location) as reply:
+                    assert reply.status == 200
+                await new.talk([b"after %d" % i for i in range(5)])
+
+                async with http.delete(server.url.rstrip("/") + new.location) as reply:
+                    assert reply.status == 200
+                assert transceiver.calls == {}
+                before = transceiver.drops["unknown_address"]
+                new.session.send_audio(b"into the void", asyncio.get_running_loop().time())
+                for datagram in new.session.datagrams_to_send():
+                    relay.sendto(_header(client) + datagram, ("127.0.0.1", transceiver.port))
+                await asyncio.sleep(0.1)
+                assert transceiver.drops["unknown_address"] == before + 1
+            relay.close()
+
+    asyncio.run(scenario())
+
+
+def _header(client: tuple[str, int]) -> bytes:
+    from voxrelay.proto.relay_header import encode_header
+
+    return encode_header(*client)
