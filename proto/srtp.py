@@ -2,9 +2,10 @@
 
 pylibsrtp's ``Session.protect`` and friends check the argument's type, allocate a length
 cell and go through two more Python calls for every packet: on a 100-byte Opus packet
-that costs more than libsrtp's own work. :class:`SrtpContext` keeps the length cell and
-the packet buffer from one call to the next and calls libsrtp through pylibsrtp's cffi
-binding directly, with the same results and the same :class:`pylibsrtp.Error` on failure.
+that costs more than libsrtp's own work. :class:`SrtpContext` keeps a length cell from
+one call to the next and calls libsrtp through pylibsrtp's cffi binding directly, in the
+session's own packet buffer, with the same results and the same :class:`pylibsrtp.Error`
+on failure.
 
 That binding is pylibsrtp's private module. Should a release reshape it, the context falls
 back to the public methods (:attr:`SrtpContext.direct` tells which is in use), slower but
@@ -59,11 +60,14 @@ class SrtpContext:
         self._session = pylibsrtp.Session(policy)  # owns the srtp_t and frees it
         self.direct = False
         if direct and _BINDING:
+            # The session's own packet buffer, which its methods use too: a session is
+            # not for concurrent threads either way (libsrtp runs without the GIL).
             srtp = getattr(self._session, "_srtp", None)
-            if srtp is not None:
+            cdata = getattr(self._session, "_cdata", None)
+            if srtp is not None and cdata is not None and _ffi.sizeof(cdata) >= _BUFFER_SIZE:
                 self._srtp = srtp[0]
-                self._cdata = _ffi.new("char[]", _BUFFER_SIZE)
-                self._buffer = _ffi.buffer(self._cdata)
+                self._cdata = cdata
+                self._buffer = _ffi.buffer(cdata, _BUFFER_SIZE)
                 self._length = _ffi.new("int *")
                 self.direct = True
 
