@@ -204,9 +204,8 @@ class CallSession(CallStatus):
             self.drops["closed" if data else "empty"] += 1
             return
         first = data[0]
-        if not 128 <= first <= 191 or (len(data) >= 2 and 192 <= data[1] <= 223):
-            self._timer_stale = True  # all but RTP: ICE, DTLS and RTCP (BYE ends the call)
         if first <= 3:
+            self._timer_stale = True  # here and below: whatever may move a timer
             response = self.ice.receive_stun(data, addr, now)
             if response is not None:
                 self._outgoing.append((response, addr))
@@ -215,12 +214,14 @@ class CallSession(CallStatus):
             self.drops["unvalidated_address"] += 1
         elif 128 <= first <= 191:
             if len(data) >= 2 and 192 <= data[1] <= 223:
+                self._timer_stale = True  # a BYE ends the call
                 packets = self._media.receive_rtcp(data, now)
                 if packets is not None and any(isinstance(p, Bye) for p in packets):
                     self._close("caller sent RTCP BYE", now, polite=False)
             elif (audio := self._media.receive_rtp(data, now)) is not None:
                 self._events.append(audio)
         elif 20 <= first <= 63:
+            self._timer_stale = True
             self._apply(self._media.receive_dtls(data, now), now)
         else:
             self.drops["unknown_protocol"] += 1
