@@ -15,6 +15,7 @@ from aiortc_caller import whip_call
 
 from voxrelay.engine.signaling import SignalingServer
 from voxrelay.engine.transceiver import Transceiver, TransceiverSettings
+from voxrelay.proto.relay_header import bundle_decode, decode_header, encode_header
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -185,7 +186,7 @@ def test_replies_to_a_relay_bundle_go_back_bundled_within_the_limit(limit):
 
     from voxrelay.proto.caller import CallerSession
     from voxrelay.proto.dtls import generate_certificate
-    from voxrelay.proto.relay_header import bundle_decode, bundle_encode, decode_header
+    from voxrelay.proto.relay_header import bundle_encode
 
     async def scenario():
         async with running_transceiver(relay_bundle_max_bytes=limit) as (transceiver, server):
@@ -216,9 +217,7 @@ def test_replies_to_a_relay_bundle_go_back_bundled_within_the_limit(limit):
             for datagram in datagrams:
                 if datagram[0] == 2:
                     assert len(datagram) <= limit
-                    replies += [(client, bytes(body)) for client, body in bundle_decode(datagram)]
-                else:
-                    replies.append((decode_header(datagram), datagram[24:]))
+                replies += _relay_records(datagram)
             assert sorted(client for client, _ in replies) == clients
             assert all(payload[:2] == b"\x01\x01" for _, payload in replies)  # binding success
             if limit:
@@ -256,10 +255,8 @@ class _RelayedCaller:
 
     async def pump(self, until, timeout: float = 5.0) -> None:
         """Move datagrams both ways until ``until()``; other clients' replies are dropped."""
-        from voxrelay.proto.relay_header import bundle_decode, decode_header, encode_header
         from voxrelay.proto.session import AudioReceived
 
-        header = encode_header(*self.client)
         deadline = self.loop.time() + timeout
         while not until():
             assert self.loop.time() < deadline, "timed out"
@@ -267,22 +264,22 @@ class _RelayedCaller:
             timer = session.get_timer()
             if timer is not None and timer <= self.loop.time():
                 session.handle_timer(self.loop.time())
-            for datagram in session.datagrams_to_send():
-                self.relay.sendto(header + datagram, ("127.0.0.1", self.transceiver.port))
+            self.forward()
             await asyncio.sleep(0.005)
             with contextlib.suppress(BlockingIOError):
                 while True:
-                    datagram = self.relay.recv(65536)
-                    if datagram[0] == 2:
-                        records = [(c, bytes(p)) for c, p in bundle_decode(datagram)]
-                    else:
-                        records = [(decode_header(datagram), datagram[24:])]
-                    for client, payload in records:
+                    for client, payload in _relay_records(self.relay.recv(65536)):
                         if client == self.client and payload:
                             session.receive_datagram(payload, self.loop.time())
             while (event := session.next_event()) is not None:
                 if isinstance(event, AudioReceived):
                     self.heard.append(event.payload)
+
+    def forward(self) -> None:
+        """Send the caller's pending datagrams as the relay worker would forward them."""
+        header = encode_header(*self.client)
+        for datagram in self.session.datagrams_to_send():
+            self.relay.sendto(header + datagram, ("127.0.0.1", self.transceiver.port))
 
     async def talk(self, frames: list[bytes]) -> None:
         """Send ``frames`` and wait for their echo."""
@@ -325,8 +322,7 @@ def test_relayed_media_follows_its_address_to_a_newer_call_and_stops_with_it():
                 assert transceiver.calls == {}
                 before = transceiver.drops["unknown_address"]
                 new.session.send_audio(b"into the void", asyncio.get_running_loop().time())
-                for datagram in new.session.datagrams_to_send():
-                    relay.sendto(_header(client) + datagram, ("127.0.0.1", transceiver.port))
+                new.forward()
                 await asyncio.sleep(0.1)
                 assert transceiver.drops["unknown_address"] == before + 1
             relay.close()
@@ -334,7 +330,8 @@ def test_relayed_media_follows_its_address_to_a_newer_call_and_stops_with_it():
     asyncio.run(scenario())
 
 
-def _header(client: tuple[str, int]) -> bytes:
-    from voxrelay.proto.relay_header import encode_header
-
-    return encode_header(*client)
+def _relay_records(datagram: bytes) -> list[tuple[tuple[str, int], bytes]]:
+    """(client, payload) of each reply in a datagram to a relay worker: a bundle or a v1."""
+    if datagram[0] == 2:
+        return [(client, bytes(payload)) for client, payload in bundle_decode(datagram)]
+    return [(decode_header(datagram), datagram[24:])]
