@@ -12,8 +12,9 @@ echo. What is measured, per server:
   step adds while the earlier ones talk) and all at once (``--herd-calls``).
 - steps (``--calls``, ramped at ``--ramp-rate``): for ``--duration`` s at each call count,
   round trip p50/p99 (from the send time the caller writes into each payload), loss and
-  reordering (the caller's sequence numbers), CPU time (user + system, psutil) and resident
-  memory of each of the server's process groups, and of the callers, reported apart.
+  reordering (the caller's sequence numbers), CPU time (user + system, psutil) and
+  proportional set size (PSS: resident memory, each shared page divided among the processes
+  that map it) of each of the server's process groups, and of the callers, reported apart.
 - capacity: the most calls with p99 round trip under ``--rtt-p99-ms`` and loss under
   ``--max-loss``, narrowed by bisection between the steps (``--search-steps``); reported as
   calls per fleet core (the cores the fleet used there). A server whose round trip already
@@ -21,7 +22,7 @@ echo. What is measured, per server:
   no capacity within the limit and is not searched; its CPU-bound calls per core are still
   reported, and its CPU and memory per call still compared (the ramp stops on loss only).
 - cost: CPU per call as infrastructure cost per 1,000 call-minutes at ``--vcpu-hour-usd``.
-- soak (``--soak SECONDS``): ``--soak-calls`` held for that long, the fleet's RSS sampled over
+- soak (``--soak SECONDS``): ``--soak-calls`` held for that long, the fleet's PSS sampled over
   time, to show that memory does not grow at constant load.
 
 Modes: ``passthrough`` (voxrelay's in-process echo backend, which returns each RTP payload
@@ -106,7 +107,7 @@ BASELINES = ("aiortc", "aiortc-tap")  # what --baseline takes (besides "none")
 AIORTC_ECHO_HOLD_MS = 80.0  # aiortc 1.16's audio JitterBuffer(prefetch=4) x 20 ms packets
 TARGET_PASSTHROUGH_CPU_RATIO = 5.0  # aiortc passthrough / voxrelay, CPU per call: at least
 TARGET_TRANSCODING_CPU_RATIO = 3.0  # stock aiortc / voxrelay pcm: at least
-TARGET_MEMORY_RATIO = 0.2  # voxrelay / aiortc, RSS per call: at most
+TARGET_MEMORY_RATIO = 0.2  # voxrelay / aiortc, PSS per call: at most
 SATURATED_LOSS = 0.05  # a step losing more stops the ramp for that server
 SATURATED_FAILURES = 0.1  # ... as does a step whose new calls fail this often
 SATURATED_PROCESS_CORES = 0.9  # a process this busy (of one core) is taken as saturated
@@ -302,14 +303,14 @@ class System:
             result[group] = total
         return result
 
-    def rss(self) -> dict[str, int]:
-        """Resident bytes of each group now."""
+    def pss(self) -> dict[str, int]:
+        """Proportional set size of each group now, in bytes (see ``process_memory``)."""
         result = {}
         for group, pids in self.processes.items():
             total = 0
             for pid in pids:
                 with contextlib.suppress(psutil.Error):
-                    total += self._process(pid).memory_info().rss
+                    total += process_memory(self._process(pid))
             result[group] = total
         return result
 
@@ -746,11 +747,11 @@ class CallerPool:
             result.append(times.user + times.system)
         return result
 
-    def rss(self) -> int:
+    def pss(self) -> int:
         total = 0
         for handle in self._handles.values():
             with contextlib.suppress(psutil.Error):
-                total += handle.memory_info().rss
+                total += process_memory(handle)
         return total
 
     async def close(self) -> None:
@@ -868,6 +869,20 @@ def merge_windows(replies: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {**totals, "rtt_ms": rtt, "live": sum(reply["live"] for reply in replies)}
 
 
+def process_memory(process: psutil.Process) -> int:
+    """The process's proportional set size (PSS) in bytes, or its RSS where the platform
+    has no PSS.
+
+    RSS would count the relay's shared routing table once per worker that touched it (the
+    kernel maps neighbouring resident pages on a fault, so a worker's RSS grows by several
+    table pages per route it inserts): a front-loaded, bounded cost that would read as
+    memory per call. PSS splits each shared page among the processes that map it, so a
+    fleet's sum counts the table once.
+    """
+    pss = getattr(process.memory_full_info(), "pss", None)
+    return pss if pss is not None else process.memory_info().rss
+
+
 def linear_slope(points: Sequence[tuple[float, float]]) -> float | None:
     """Least-squares slope of y over x; None with fewer than two distinct x."""
     if len({x for x, _ in points}) < 2:
@@ -895,7 +910,7 @@ class Series:
         self.setup_records: dict[str, list[dict[str, Any]]] = {phase: [] for phase in PHASES}
         self.steps: list[dict[str, Any]] = []
         self.search: list[dict[str, Any]] = []
-        self.baseline_rss: dict[str, int] = {}
+        self.baseline_pss: dict[str, int] = {}
         self.soak: dict[str, Any] | None = None
         self.stopped: str | None = None
         self.search_note: str | None = None
@@ -971,8 +986,8 @@ class Series:
         cpu_after, callers_after = system.cpu(), pool.cpu()
         elapsed = time.perf_counter() - started
         waits_after = _contention(system, pool)
-        rss = system.rss()
-        callers_rss = pool.rss()
+        pss = system.pss()
+        callers_pss = pool.pss()
         merged = merge_windows(await replies)
         step = self._step(
             calls,
@@ -982,8 +997,8 @@ class Series:
             cpu_after,
             callers_before,
             callers_after,
-            rss,
-            callers_rss,
+            pss,
+            callers_pss,
         )
         step["contention"] = {
             key: (
@@ -1005,8 +1020,8 @@ class Series:
         cpu_after: dict[str, float],
         callers_before: list[float],
         callers_after: list[float],
-        rss: dict[str, int],
-        callers_rss: int,
+        pss: dict[str, int],
+        callers_pss: int,
     ) -> dict[str, Any]:
         system = self.system
         cores = {group: (cpu_after[group] - cpu_before[group]) / elapsed for group in cpu_after}
@@ -1024,10 +1039,10 @@ class Series:
         loss = max(0.0, 1 - received / sent) if sent else None
         live = merged["live"]
         per_call = {group: value * 1000 / live if live else None for group, value in cores.items()}
-        rss_per_call = {}
-        for group, value in rss.items():
-            base = self.baseline_rss.get(group)
-            rss_per_call[group] = (
+        pss_per_call = {}
+        for group, value in pss.items():
+            base = self.baseline_pss.get(group)
+            pss_per_call[group] = (
                 (value - base) / live / 1024 if base is not None and live else None
             )
         step = {
@@ -1061,10 +1076,10 @@ class Series:
                     if server_cores
                     else None
                 ),
-                "rss_mb": round(callers_rss / 2**20, 1),
+                "pss_mb": round(callers_pss / 2**20, 1),
             },
-            "rss_mb": {group: round(value / 2**20, 2) for group, value in rss.items()},
-            "rss_kib_per_call": {group: _round(value, 1) for group, value in rss_per_call.items()},
+            "pss_mb": {group: round(value / 2**20, 2) for group, value in pss.items()},
+            "pss_kib_per_call": {group: _round(value, 1) for group, value in pss_per_call.items()},
         }
         step["refused_by"] = self._refusals(step)
         step["accepted"] = not step["refused_by"]
@@ -1102,7 +1117,7 @@ class Series:
         await self.pool.hang_up()
         await self._idle()
         await asyncio.sleep(SETTLE_S)
-        self.baseline_rss = self.system.rss()
+        self.baseline_pss = self.system.pss()
         for calls in s.steps(self.system.mode):
             before = sum(await self.pool.live())
             records = await self._dial(max(0, calls - before), s.ramp_rate, str(calls), "load")
@@ -1197,7 +1212,7 @@ class Series:
         calls = s.soak_calls
         await self._adjust(calls, f"soak {calls}", None)
         await asyncio.sleep(SETTLE_S)
-        # Back-to-back windows (at least two, for a trend), each closed by an RSS sample.
+        # Back-to-back windows (at least two, for a trend), each closed by a PSS sample.
         windows = max(2, round(s.soak / s.soak_interval))
         interval = s.soak / windows
         samples = []
@@ -1208,13 +1223,13 @@ class Series:
                 {
                     "t_s": round(time.monotonic() - started, 2),
                     "live": step["live"],
-                    "rss_mb": step["rss_mb"],
+                    "pss_mb": step["pss_mb"],
                     "loss": step["loss"],
                     "rtt_p99_ms": (step["rtt_ms"] or {}).get("p99"),
                     "server_cores": step["server_cores"],
                 }
             )
-        totals = [(row["t_s"], sum(row["rss_mb"].values())) for row in samples]
+        totals = [(row["t_s"], sum(row["pss_mb"].values())) for row in samples]
         second_half = totals[len(totals) // 2 :]
         slope = linear_slope(totals)
         late_slope = linear_slope(second_half)
@@ -1223,10 +1238,10 @@ class Series:
             "duration_s": s.soak,
             "interval_s": interval,
             "samples": samples,
-            "rss_mb_first": totals[0][1] if totals else None,
-            "rss_mb_last": totals[-1][1] if totals else None,
-            "rss_mb_per_10_min": _round(slope * 600, 2) if slope is not None else None,
-            "rss_mb_per_10_min_second_half": (
+            "pss_mb_first": totals[0][1] if totals else None,
+            "pss_mb_last": totals[-1][1] if totals else None,
+            "pss_mb_per_10_min": _round(slope * 600, 2) if slope is not None else None,
+            "pss_mb_per_10_min_second_half": (
                 _round(late_slope * 600, 2) if late_slope is not None else None
             ),
         }
@@ -1279,17 +1294,17 @@ class Series:
                 self.system.echo_hold_ms,
             )
         )
-        rss_points = [(0.0, 0.0)] + [
-            (step["live"], sum(step["rss_mb"].values()) - sum(self.baseline_rss.values()) / 2**20)
+        pss_points = [(0.0, 0.0)] + [
+            (step["live"], sum(step["pss_mb"].values()) - sum(self.baseline_pss.values()) / 2**20)
             for step in memory_steps
         ]
         like = self.system.like_for_like
         like_points = [(0.0, 0.0)] + [
-            (step["live"], step["rss_mb"][like] - self.baseline_rss.get(like, 0) / 2**20)
+            (step["live"], step["pss_mb"][like] - self.baseline_pss.get(like, 0) / 2**20)
             for step in memory_steps
             if like
         ]
-        slope_all = linear_slope(rss_points)
+        slope_all = linear_slope(pss_points)
         slope_like = linear_slope(like_points) if like else None
         marginal: dict[str, float | None] = {}
         for group in self.system.processes:
@@ -1311,8 +1326,8 @@ class Series:
             "cpu_bound": cpu_bound(all_steps),
             "marginal_millicores_per_call": marginal,
             "memory": {
-                "baseline_rss_mb": {
-                    group: round(value / 2**20, 2) for group, value in self.baseline_rss.items()
+                "baseline_pss_mb": {
+                    group: round(value / 2**20, 2) for group, value in self.baseline_pss.items()
                 },
                 "kib_per_call_slope": _round(slope_all * 1024, 1) if slope_all else None,
                 "like_for_like_kib_per_call_slope": (
@@ -1593,8 +1608,10 @@ def build_report(
             "per second, per live call. voxrelay's like-for-like group is the transceiver "
             "(ICE, DTLS, SRTP, echo, as an aiortc server); its relay workers and supervisor "
             "are added in 'all processes'. The callers are measured apart.",
-            "memory per call: least-squares slope of resident memory (RSS) over live calls, "
-            "from the baseline before the ramp through each step.",
+            "memory per call: least-squares slope of proportional set size (PSS) over live "
+            "calls, from the baseline before the ramp through each step. PSS divides each "
+            "shared page among the processes that map it, so the relay's shared routing "
+            "table counts once for the fleet, not once per worker.",
             "baselines: 'aiortc' (passthrough) is aiortc's full receive and send pipeline "
             "(RTCRtpReceiver with its jitter buffer and decoder thread, the track, "
             "RTCRtpSender) with Opus passed through undecoded - the targets' verdicts are "
@@ -1651,7 +1668,7 @@ def render_table(data: dict[str, Any]) -> str:
                 f"{fmt(step['contention']['server_wait_cores'], '.2f'):>6}"
                 f"{fmt(step['server_millicores_per_call'], '.2f'):>8}"
                 f"{fmt(step['millicores_per_call'].get(like) if like else None, '.2f'):>7}"
-                f"{fmt(step['rss_kib_per_call'].get(like) if like else None, '.0f'):>9}"
+                f"{fmt(step['pss_kib_per_call'].get(like) if like else None, '.0f'):>9}"
                 f"{step['callers']['cores']:>8.2f}"
                 f"{fmt(step['callers']['share_of_all_cpu'], '.0%'):>6}"
                 f"  {'yes' if step['accepted'] else 'no'}"
@@ -1761,10 +1778,10 @@ def render_table(data: dict[str, Any]) -> str:
         soak = result.get("soak")
         if soak:
             lines.append(
-                f"soak {name}: {soak['calls']} calls for {soak['duration_s']:g} s, RSS "
-                f"{fmt(soak['rss_mb_first'])} -> {fmt(soak['rss_mb_last'])} MB, "
-                f"{fmt(soak['rss_mb_per_10_min'], '.2f')} MB per 10 min (second half "
-                f"{fmt(soak['rss_mb_per_10_min_second_half'], '.2f')})"
+                f"soak {name}: {soak['calls']} calls for {soak['duration_s']:g} s, PSS "
+                f"{fmt(soak['pss_mb_first'])} -> {fmt(soak['pss_mb_last'])} MB, "
+                f"{fmt(soak['pss_mb_per_10_min'], '.2f')} MB per 10 min (second half "
+                f"{fmt(soak['pss_mb_per_10_min_second_half'], '.2f')})"
             )
     return "\n".join(lines)
 
@@ -1785,7 +1802,7 @@ def render_markdown(data: dict[str, Any]) -> str:
         + f", {s['duration_s']:g} s each, Opus-sized packets at 50/s each way; limits p99 "
         f"round trip < {s['rtt_p99_ms_max']:g} ms and loss < {s['max_loss']:.1%}. mc: "
         "millicores (ms of CPU per second) per call, all of the server's processes; KiB: "
-        "resident memory per call of the transceiver or aiortc server; cost at "
+        "memory (PSS) per call of the transceiver or aiortc server; cost at "
         f"${s['vcpu_hour_usd']:g} per vCPU-hour.",
         "",
         "| server | echo | capacity (calls) | calls per core | rtt p50 / p99 ms | setup p50 ms "
@@ -2001,10 +2018,10 @@ def plot_cost(data: dict[str, Any], path: Path) -> Path:
         )
         memory = steps_for_memory(result["steps"])
         if like and memory:
-            base = result["memory"]["baseline_rss_mb"].get(like, 0)
+            base = result["memory"]["baseline_pss_mb"].get(like, 0)
             memory_axes.plot(
                 [0, *(x["live"] for x in memory)],
-                [0, *((x["rss_mb"][like] - base) for x in memory)],
+                [0, *((x["pss_mb"][like] - base) for x in memory)],
                 "o-",
                 color=colour,
                 label=f"{name} {like}",
@@ -2023,7 +2040,7 @@ def plot_cost(data: dict[str, Any], path: Path) -> Path:
     memory_axes.set_yscale("symlog", linthresh=10)  # servers differ a hundredfold
     memory_axes.yaxis.set_major_formatter(_plain_numbers())
     memory_axes.set_title(
-        "Resident memory added vs concurrent calls (ramp, until a server falls over)",
+        "Memory (PSS) added vs concurrent calls (ramp, until a server falls over)",
         fontsize=10,
     )
     memory_axes.set_xlabel("concurrent calls")
@@ -2047,20 +2064,20 @@ def plot_soak(data: dict[str, Any], path: Path) -> Path | None:
     figure, axes = plt.subplots(figsize=(8, 4.5))
     for index, (name, soak) in enumerate(soaks.items()):
         times = [row["t_s"] for row in soak["samples"]]
-        groups = sorted({g for row in soak["samples"] for g in row["rss_mb"]})
+        groups = sorted({g for row in soak["samples"] for g in row["pss_mb"]})
         for offset, group in enumerate(groups):
             axes.plot(
                 times,
-                [row["rss_mb"][group] for row in soak["samples"]],
+                [row["pss_mb"][group] for row in soak["samples"]],
                 "o-",
                 color=colour_for(f"{name} {group}", index * len(groups) + offset),
                 label=f"{name} {group}",
             )
         axes.set_title(
-            f"Soak: RSS at {soak['calls']} calls over {soak['duration_s']:g} s", fontsize=10
+            f"Soak: PSS at {soak['calls']} calls over {soak['duration_s']:g} s", fontsize=10
         )
     axes.set_xlabel("seconds")
-    axes.set_ylabel("RSS, MB")
+    axes.set_ylabel("PSS, MB")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7)
     return save_figure(figure, path)
@@ -2318,7 +2335,7 @@ def _calls_list(
     default=0.0,
     show_default=True,
     type=click.FloatRange(0, 86_400),
-    help="Seconds to hold --soak-calls on voxrelay, sampling RSS (600: 10 minutes).",
+    help="Seconds to hold --soak-calls on voxrelay, sampling PSS (600: 10 minutes).",
 )
 @click.option(
     "--soak-calls",

@@ -21,10 +21,12 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
+from multiprocessing import shared_memory
 from pathlib import Path
 from typing import Any
 
 import av
+import psutil
 import pytest
 from aiohttp import ClientSession
 from aioice import stun
@@ -57,6 +59,7 @@ from voxrelay.bench.sessions_bench import (
     merge_windows,
     parse_baselines,
     plot_cost,
+    process_memory,
     render_markdown,
     render_table,
     sessions_command,
@@ -122,7 +125,7 @@ def test_bench_sessions_runs_both_modes_beside_aiortc_and_cleans_up(tmp_path: Pa
             assert step["millicores_per_call"][system["like_for_like_group"]] > 0
             assert step["callers"]["cores"] > 0
             assert 0 < step["callers"]["share_of_all_cpu"] < 1
-            assert all(value > 0 for value in step["rss_mb"].values())
+            assert all(value > 0 for value in step["pss_mb"].values())
         setup = server["setup"]
         assert (setup["idle"]["ok"], setup["load"]["ok"], setup["herd"]["ok"]) == (2, 6, 3), {
             phase: summary["errors"] for phase, summary in setup.items()
@@ -279,6 +282,56 @@ def test_merge_windows_adds_every_process_counts() -> None:
 def test_linear_slope() -> None:
     assert linear_slope([(0, 1), (10, 21), (20, 41)]) == pytest.approx(2.0)
     assert linear_slope([(5, 1), (5, 2)]) is None
+
+
+_TOUCH_SHARED_PAGES = """
+import sys
+from multiprocessing import resource_tracker, shared_memory
+segment = shared_memory.SharedMemory(name=sys.argv[1])
+resource_tracker.unregister(segment._name, "shared_memory")  # the test owns it
+print("attached", flush=True)
+sys.stdin.readline()
+view = segment.buf
+for offset in range(0, len(view), 4096):
+    view[offset] = 1
+print("touched", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_memory_counts_pages_shared_by_two_processes_once() -> None:
+    """Two processes that touch the same 16 MiB of shared memory (the relay workers and the
+    routing table) add 16 MiB to the fleet's memory, not 32: what RSS would report."""
+    size = 16 * 2**20
+    segment = shared_memory.SharedMemory(create=True, size=size)
+    children = []
+    try:
+        for _ in range(2):
+            child = subprocess.Popen(
+                [sys.executable, "-c", _TOUCH_SHARED_PAGES, segment.name],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            children.append(child)
+            assert child.stdout.readline().strip() == "attached"
+        handles = [psutil.Process(child.pid) for child in children]
+        before = sum(process_memory(handle) for handle in handles)
+        rss_before = sum(handle.memory_info().rss for handle in handles)
+        for child in children:
+            child.stdin.write("\n")
+            child.stdin.flush()
+            assert child.stdout.readline().strip() == "touched"
+        added = sum(process_memory(handle) for handle in handles) - before
+        rss_added = sum(handle.memory_info().rss for handle in handles) - rss_before
+        assert abs(added - size) < size * 0.1, added / 2**20
+        assert rss_added > size * 1.8, rss_added / 2**20  # why RSS would mislead
+    finally:
+        for child in children:
+            child.kill()
+            child.wait()
+        segment.close()
+        segment.unlink()
 
 
 def test_binding_response_answers_a_signed_check_and_nothing_else() -> None:
@@ -535,7 +588,7 @@ def _summary(
     after the ramp's, as bisection steps."""
     series = Series(system, None, settings, Progress(enabled=False))  # type: ignore[arg-type]
     base = 50 * 2**20
-    series.baseline_rss = {group: base for group in system.processes}
+    series.baseline_pss = {group: base for group in system.processes}
     for index, (calls, cores, kib_per_call, p99) in enumerate([*steps, *search]):
         rtt = {"p50": p99 / 2, "p95": p99, "p99": p99, "mean": p99 / 2, "min": 0.1, "max": p99}
         merged = {"sent": calls * 100, "echoed": calls * 100, "reordered": 0, "foreign": 0}
