@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 
-__all__ = ["STABLE_AFTER_SECONDS", "free_port", "restart_backoff"]
+__all__ = [
+    "STABLE_AFTER_SECONDS",
+    "TERMINATE_WAIT_SECONDS",
+    "die_with_parent",
+    "free_port",
+    "restart_backoff",
+]
 
 STABLE_AFTER_SECONDS = 10.0
 """A process that lived this long died of something new: restart it at once."""
@@ -46,3 +54,34 @@ def set_timer_slack(nanoseconds: int) -> None:
 
     unused = ctypes.c_ulong(0)
     ctypes.CDLL(None).prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(nanoseconds), unused, unused, unused)
+
+
+_PR_SET_PDEATHSIG = 1
+
+TERMINATE_WAIT_SECONDS = 1.0
+"""How long a supervised child that got SIGTERM waits for its fleet to start draining.
+
+A stop that signals every process of the service at once (systemd's default
+``KillMode=control-group``) reaches the children as it reaches the supervisor. Stopping
+then would cut the calls the supervisor's drain is meant to keep alive, so a child first
+waits this long: if the fleet starts draining, the supervisor stops it after the grace
+period; if not, the signal was meant for this child alone (an operator recycling it) and
+it stops."""
+
+
+def die_with_parent(parent_pid: int) -> bool:
+    """Have the kernel send SIGTERM when the process that started us exits; False if it
+    already has (then the caller should exit).
+
+    Children run in their own process groups, so that Ctrl-C or a signal to the
+    supervisor's group reaches only the supervisor, which drains and then stops them.
+    Without this, a supervisor killed with SIGKILL would leave them running unsupervised.
+    """
+    import ctypes
+
+    unused = ctypes.c_ulong(0)
+    ctypes.CDLL(None).prctl(
+        _PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM), unused, unused, unused
+    )
+    # The parent may have died before the prctl: we were then re-parented already.
+    return os.getppid() == parent_pid

@@ -81,7 +81,12 @@ from voxrelay.engine.fleetstate import (
     WORKER_STARTING,
     FleetState,
 )
-from voxrelay.engine.processes import TIMER_SLACK_NS, set_timer_slack
+from voxrelay.engine.processes import (
+    TERMINATE_WAIT_SECONDS,
+    TIMER_SLACK_NS,
+    die_with_parent,
+    set_timer_slack,
+)
 from voxrelay.engine.routing import HEADER_SIZE as ROUTING_HEADER_SIZE
 from voxrelay.engine.routing import (
     SLOT_KEY,
@@ -382,6 +387,8 @@ class RelayWorker:
         self.public: socket.socket | None = None
         self.internal: socket.socket | None = None
         self._stop = False
+        self._stop_at: float | None = None
+        """Monotonic time to stop at unless the fleet starts draining (see stop_unless_draining)."""
         # Local counters, flushed into shared memory once per wake-up. Arrays of the
         # shared words' own type, so a flush is two slice copies, not a store per counter.
         self.counters = array("Q", bytes(8 * len(COUNTER_NAMES)))
@@ -539,6 +546,20 @@ class RelayWorker:
     def stop(self) -> None:
         self._stop = True
 
+    def stop_unless_draining(self, deadline: float) -> None:
+        """Stop at ``deadline`` (monotonic) unless the fleet starts draining first: then the
+        supervisor stops us once the drain's grace period is over."""
+        if self._stop_at is None:
+            self._stop_at = deadline
+
+    def _check_deferred_stop(self) -> None:
+        if self._stop_at is None:
+            return
+        if self.fleet.draining:
+            self._stop_at = None
+        elif time.monotonic() >= self._stop_at:
+            self._stop = True
+
     # -- directory ---------------------------------------------------------------------
     def _refresh_directory(self) -> None:
         """Rebuild the transceiver maps from the shared directory (rare: on generation change)."""
@@ -670,6 +691,7 @@ class RelayWorker:
         words[base + W_CPU_TIME_US] = int(time.process_time() * 1_000_000)
         if self.fleet.draining and words[base + W_STATE] == WORKER_RUNNING:
             words[base + W_STATE] = WORKER_DRAINING
+        self._check_deferred_stop()
         self._flush_counters()
 
     def _flush_counters(self) -> None:
@@ -1221,23 +1243,28 @@ def serve(settings: WorkerSettings) -> int:
     recovery = None
     try:
         fleet = FleetState.attach(settings.fleet_name)
+        supervisor_pid = fleet.supervisor_pid
+        if not die_with_parent(supervisor_pid):
+            return 0  # the supervisor is gone already
         verifier = TokenVerifier(
             [bytes.fromhex(secret) for secret in settings.token_secrets], settings.cluster_id
         )
         if settings.redis_url:
             recovery = _start_recovery(settings, table, fleet)
         worker = RelayWorker(settings, table, fleet, verifier, recovery)
-        supervisor_pid = fleet.supervisor_pid
 
-        def on_interrupt(signum: int, frame: object) -> None:
-            # Ctrl-C reaches the whole foreground process group. While our supervisor
-            # lives it is the supervisor's cue to drain (it stops us with SIGTERM after the
-            # grace period); stopping at once would cut the flows the drain keeps alive.
-            if os.getppid() != supervisor_pid:
+        def on_terminate(signum: int, frame: object) -> None:
+            # A signal sent to the whole service (systemd's default KillMode) reaches us
+            # with the supervisor's: it is the supervisor's cue to drain, and stopping now
+            # would cut the flows the drain keeps alive. While the fleet drains, a SIGTERM
+            # is the supervisor's own, after the grace period.
+            if os.getppid() == supervisor_pid and not fleet.draining:
+                worker.stop_unless_draining(time.monotonic() + TERMINATE_WAIT_SECONDS)
+            else:
                 worker.stop()
 
-        signal.signal(signal.SIGTERM, lambda *_: worker.stop())
-        signal.signal(signal.SIGINT, on_interrupt)
+        signal.signal(signal.SIGTERM, on_terminate)
+        signal.signal(signal.SIGINT, on_terminate)
         try:
             worker.open()
             worker.run()

@@ -263,7 +263,9 @@ class Supervisor:
             [sys.executable, "-m", "voxrelay.engine.relay"],
             stdin=subprocess.PIPE,
             env=env,
-            start_new_session=False,
+            # Its own process group: Ctrl-C, `timeout` or `kill -- -PGID` reach only the
+            # supervisor, which drains and then stops the workers (they die with us too).
+            process_group=0,
         )
         assert process.stdin is not None
         process.stdin.write(settings.to_json())
@@ -340,6 +342,14 @@ class Supervisor:
                 worker.process = None
                 self.fleet.mark_worker_exited(worker.index)
                 reclaimed = self.table.reclaim(_pid_alive)
+                if self.flags.drain:
+                    # Expected while the fleet drains (it is not restarted); the other
+                    # workers' sockets take its flows over.
+                    log.info(
+                        "worker exited while draining",
+                        extra={"worker": worker.index, "pid": pid, "code": code},
+                    )
+                    continue
                 relay = self.config.relay
                 worker.failures, delay = restart_backoff(
                     now - worker.started_at,
@@ -421,7 +431,7 @@ class Supervisor:
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and not self.flags.stop_now:
             time.sleep(0.05)
-            self._reap_and_respawn(time.monotonic())  # keep flows alive during the grace
+            self._reap_and_respawn(time.monotonic())  # reaps; nothing restarts now
             if self.transceivers is not None:
                 self.transceivers.poll(time.monotonic(), respawn=False)
         if self.transceivers is not None:

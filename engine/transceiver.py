@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from voxrelay.engine.backends import Backend, EchoBackend
+from voxrelay.engine.processes import TERMINATE_WAIT_SECONDS, die_with_parent
 from voxrelay.proto.dtls import DtlsCertificate, generate_certificate, load_certificate
 from voxrelay.proto.errors import ProtocolError
 from voxrelay.proto.ice_lite import Address
@@ -113,6 +114,10 @@ class TransceiverSettings:
     supervised: bool = False
     """Started by a supervisor: ignore Ctrl-C's SIGINT (the supervisor drains, then sends
     SIGTERM), so calls keep flowing through the drain grace period."""
+    parent_pid: int | None = None
+    """The supervisor's pid: we stop when it exits, and a SIGTERM that reaches us with its
+    own (a signal to the whole service) waits for its drain (see
+    :data:`~voxrelay.engine.processes.TERMINATE_WAIT_SECONDS`)."""
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> bytes:
@@ -702,17 +707,33 @@ async def run(settings: TransceiverSettings, stop: asyncio.Event | None = None) 
 
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
-    if settings.supervised:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-    for signum in (signal.SIGTERM,) if settings.supervised else (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(signum, stop.set)
+    if settings.parent_pid is not None and not die_with_parent(settings.parent_pid):
+        return  # the supervisor is gone already
     backend = None
     if settings.backend:
         from voxrelay.engine.backend_client import WebSocketBackend, WebSocketBackendSettings
 
         backend = WebSocketBackend(WebSocketBackendSettings(**settings.backend))
     transceiver = Transceiver(settings, backend=backend)
+
+    def on_terminate() -> None:
+        # A signal sent to the whole service (systemd's default KillMode) reaches us with
+        # the supervisor's: wait for its drain (SIGUSR1), which keeps the calls up through
+        # the grace period; it sends SIGTERM again after. Otherwise the signal is ours.
+        parent = settings.parent_pid
+        if parent is None or os.getppid() != parent or transceiver.draining:
+            stop.set()
+        else:
+            loop.call_later(
+                TERMINATE_WAIT_SECONDS,
+                lambda: None if transceiver.draining else stop.set(),
+            )
+
+    if settings.supervised:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGTERM,) if settings.supervised else (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(signum, on_terminate)
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.add_signal_handler(signal.SIGUSR1, setattr, transceiver, "draining", True)
     await transceiver.open()

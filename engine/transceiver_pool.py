@@ -132,6 +132,7 @@ class TransceiverPool:
             log_level=cfg.fleet.log_level,
             log_format=cfg.fleet.log_format,
             supervised=True,
+            parent_pid=os.getpid(),
             max_sessions=local.max_calls,
             consent_timeout=local.consent_timeout,
             setup_timeout=local.setup_timeout,
@@ -145,7 +146,10 @@ class TransceiverPool:
         env = dict(os.environ)
         env.setdefault("PYTHONUNBUFFERED", "1")
         process = subprocess.Popen(
-            [sys.executable, "-m", "voxrelay.engine.transceiver"], stdin=subprocess.PIPE, env=env
+            [sys.executable, "-m", "voxrelay.engine.transceiver"],
+            stdin=subprocess.PIPE,
+            env=env,
+            process_group=0,  # signals to our group reach us; we drain, then stop it
         )
         assert process.stdin is not None
         process.stdin.write(self._settings(entry).to_json())
@@ -163,6 +167,18 @@ class TransceiverPool:
             process = entry.process
             if process is not None and process.poll() is not None:
                 entry.process = None
+                with contextlib.suppress(FileNotFoundError):
+                    (self.runtime_dir / f"transceiver-{entry.transceiver_id}.json").unlink()
+                if not respawn:  # the fleet drains: an exit is expected, not restarted
+                    log.info(
+                        "transceiver exited while draining",
+                        extra={
+                            "transceiver": entry.transceiver_id,
+                            "pid": process.pid,
+                            "code": process.returncode,
+                        },
+                    )
+                    continue
                 entry.failures, delay = restart_backoff(
                     now - entry.started_at,
                     entry.failures,
@@ -170,8 +186,6 @@ class TransceiverPool:
                     relay.restart_backoff_max,
                 )
                 entry.restart_at = now + delay
-                with contextlib.suppress(FileNotFoundError):
-                    (self.runtime_dir / f"transceiver-{entry.transceiver_id}.json").unlink()
                 log.warning(
                     "transceiver died",
                     extra={
@@ -356,9 +370,14 @@ class TransceiverHost:
                 self._stop_now = True
             self._drain = True
 
+        def on_reload(signum, frame) -> None:
+            # A service manager's reload (as for `up` and `relay`) must not kill us.
+            log.info("reload: the transceiver role has nothing to reload; restart to apply")
+
         previous = {
             signal.SIGTERM: signal.signal(signal.SIGTERM, on_terminate),
             signal.SIGINT: signal.signal(signal.SIGINT, on_terminate),
+            signal.SIGHUP: signal.signal(signal.SIGHUP, on_reload),
         }
         try:
             while not self._drain:

@@ -22,6 +22,7 @@ class LocalFleet:
         *,
         transceivers: int = 2,
         workers: int = 2,
+        drain_seconds: float = 1,
         extra: str = "",
         config: str | None = None,
     ) -> None:
@@ -50,7 +51,7 @@ class LocalFleet:
                     'bind = "127.0.0.1"',
                     "port = 0",
                     f"workers = {workers}",
-                    "drain_seconds = 1",
+                    f"drain_seconds = {drain_seconds}",
                     "restart_backoff_initial = 0.05",
                     "[metrics]",
                     "port = 0",

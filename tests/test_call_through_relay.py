@@ -115,6 +115,74 @@ def test_killed_transceiver_is_respawned_and_takes_new_calls(fleet):
     assert result.connected and result.loud_frames >= 15, (result, fleet.log())
 
 
+def _fleet_pids(status: dict) -> list[int]:
+    """The supervisor's, its relay workers' and its transceivers' pids."""
+    return [
+        status["pid"],
+        *(worker["pid"] for worker in status["relay"]["workers"]),
+        *(row["pid"] for row in status["local_transceivers"]),
+    ]
+
+
+def _gone(pids: list[int]) -> bool:
+    for pid in pids:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        return False
+    return True
+
+
+def test_sigterm_to_every_process_of_the_fleet_still_drains_its_calls(tmp_path):
+    """systemd's default KillMode signals every process of the service at once. The
+    children wait for the supervisor's drain, so a call in progress keeps its echo through
+    the grace period; then the fleet stops cleanly, logging no death."""
+    fleet = LocalFleet(tmp_path, drain_seconds=4)
+    fleet.cli("up", "--detach")
+    try:
+        status = fleet.status()
+        pids = _fleet_pids(status)
+
+        async def call_stopped_midway():
+            call = asyncio.create_task(
+                whip_call(status["signaling_url"] + "whip", seconds=3.5, delete=False)
+            )
+            await asyncio.sleep(1.2)
+            for pid in pids:
+                os.kill(pid, signal.SIGTERM)
+            return await call
+
+        result = asyncio.run(call_stopped_midway())
+        assert result.connected, (result.states, fleet.log())
+        # 3.5 s of 20 ms echoes; a call cut at the signal would hear about a third.
+        assert result.loud_frames >= 140, (result, fleet.log())
+        deadline = time.monotonic() + 20
+        while not _gone(pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        log = fleet.log()
+        assert _gone(pids), log
+        assert "drained" in log and " died" not in log, log
+    finally:
+        fleet.cli("down", "--now", check=False)
+
+
+def test_children_stop_when_their_supervisor_is_killed(tmp_path):
+    """A supervisor killed outright (SIGKILL, the OOM killer) takes its relay workers and
+    transceivers with it, rather than leaving them running unsupervised."""
+    fleet = LocalFleet(tmp_path)
+    fleet.cli("up", "--detach")
+    try:
+        pids = _fleet_pids(fleet.status())
+        os.kill(pids[0], signal.SIGKILL)
+        deadline = time.monotonic() + 15
+        while not _gone(pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert _gone(pids), fleet.log()
+    finally:
+        fleet.cli("down", "--now", check=False)
+
+
 RELAY_HOST = """
 [fleet]
 name = "{name}"
@@ -195,6 +263,11 @@ def test_relay_host_and_transceiver_host_meet_through_redis(tmp_path):
             raise AssertionError(f"relays never saw the transceivers: {relays.status()}")
         text = transceivers.cli("status").stdout
         assert "transceiver #101" in text and "(transceiver)" in text
+        # A service manager's reload (etc/systemd) reaches both roles; neither dies of it.
+        os.kill(relays.status()["pid"], signal.SIGHUP)
+        os.kill(status["pid"], signal.SIGHUP)
+        time.sleep(0.3)
+        assert transceivers.status()["pid"] == status["pid"]
 
         result = asyncio.run(whip_call(status["signaling_url"] + "whip", seconds=2.0))
         assert result.connected, (result, relays.log(), transceivers.log())
