@@ -169,6 +169,7 @@ class WebSocketBackend:
         self.links: dict[str, _CallLink] = {}
         self.counters: Counter[str] = Counter()
         self._closing: set[asyncio.Task[None]] = set()
+        self._write_watchdog: asyncio.TimerHandle | None = None
 
     # ------------------------------------------------------------------ Backend
 
@@ -192,6 +193,8 @@ class WebSocketBackend:
             return
         self.links[call.id] = _CallLink(self, call, started, loop)
         self.counters["calls_started"] += 1
+        if self._write_watchdog is None:
+            self._write_watchdog = loop.call_later(self._watchdog_interval, self._watch_writes)
 
     def audio_received(self, call: Call, frame: AudioReceived) -> None:
         link = self.links.get(call.id)
@@ -227,6 +230,24 @@ class WebSocketBackend:
             )
         return self._client
 
+    @property
+    def _watchdog_interval(self) -> float:
+        return min(1.0, self.settings.write_timeout / 4)
+
+    def _watch_writes(self) -> None:
+        """End the calls whose write has waited ``write_timeout`` (their backend reads
+        nothing). One sweep over the links per interval, rather than a timeout armed and
+        cancelled around every frame each call writes."""
+        loop = asyncio.get_running_loop()
+        limit = loop.time() - self.settings.write_timeout
+        for link in [link for link in self.links.values() if link.writing_since is not None]:
+            since = link.writing_since
+            if since is not None and since <= limit:
+                link.write_stalled()
+        self._write_watchdog = (
+            loop.call_later(self._watchdog_interval, self._watch_writes) if self.links else None
+        )
+
     def track(self, task: asyncio.Task[None]) -> None:
         """Keep a call's goodbye task alive until it ends, so close() can wait for it."""
         self._closing.add(task)
@@ -234,6 +255,9 @@ class WebSocketBackend:
 
     async def close(self) -> None:
         """Wait (bounded) for the goodbyes in flight, then close our HTTP client."""
+        if self._write_watchdog is not None:
+            self._write_watchdog.cancel()
+            self._write_watchdog = None
         for link in list(self.links.values()):
             link.call_over("transceiver stopping")
         self.links.clear()
@@ -269,12 +293,16 @@ class _CallLink:
         self.media_ready = False
         self.end_reason: str | None = None
         """The backend sent session.end with this reason."""
-        self._events: deque[str] = deque([session_started])
-        self._audio: deque[bytes] = deque()
+        # Lists, not deques: a deque holds a 64-slot block per call, and these queues are
+        # short (a frame or two, unless the backend falls behind; capped either way).
+        self._events: list[str] = [session_started]
+        self._audio: list[bytes] = []
         self._max_audio = max(1, round(settings.caller_buffer / FRAME_DURATION))
+        self.writing_since: float | None = None
+        """Loop time the write in progress began (see WebSocketBackend._watch_writes)."""
         self._flush_and_stop = False
-        self._outgoing = asyncio.Event()
-        self._wake_player = asyncio.Event()
+        self._outgoing = _Wakeup(loop)
+        self._wake_player = _Wakeup(loop)
         self._overflowing = False
         self._told_ignored = False
         self._caller = _CallerStream(settings.codec, settings.sample_rate)
@@ -287,8 +315,9 @@ class _CallLink:
         self._vad_decoder: _OpusToPcm | None = None
         self._vad_timer: asyncio.TimerHandle | None = None
         # (arrival, stream timestamp) of recent caller frames, to place VAD events.
-        self._recent: deque[tuple[float, int]] = deque(maxlen=64)
+        self._recent: deque[tuple[float, int]] | None = None
         if settings.vad:
+            self._recent = deque(maxlen=64)
             self._vad = VoiceActivityDetector(
                 threshold_dbfs=settings.vad_threshold_dbfs,
                 start_frames=settings.vad_start_frames,
@@ -314,7 +343,7 @@ class _CallLink:
             return
         for audio in frames:
             if len(self._audio) >= self._max_audio:
-                self._audio.popleft()
+                del self._audio[0]
                 self.counters["caller_frames_dropped"] += 1
             self._audio.append(encode_audio_frame(audio, self.settings.sample_rate))
         if self._vad is not None and frames:
@@ -327,6 +356,7 @@ class _CallLink:
         vad = self._vad
         assert vad is not None
         arrival = frame.arrival
+        assert self._recent is not None
         self._recent.append((arrival, frames[-1].timestamp))
         if self._vad_decoder is not None:
             try:
@@ -373,8 +403,9 @@ class _CallLink:
 
     def _stream_timestamp(self, at: float) -> int:
         """The stream timestamp of the caller frame that arrived at or just before ``at``."""
-        best = self._recent[0][1] if self._recent else 0
-        for arrival, timestamp in self._recent:
+        recent = self._recent or ()
+        best = recent[0][1] if recent else 0
+        for arrival, timestamp in recent:
             if arrival > at:
                 break
             best = timestamp
@@ -533,30 +564,35 @@ class _CallLink:
         self.fail(f"backend disconnected: {detail}")
 
     async def _write(self, ws: aiohttp.ClientWebSocketResponse) -> None:
-        """Send events first, then caller audio; a write stuck for write_timeout is fatal."""
-        events, audio = self._events, self._audio
-        timeout = self.settings.write_timeout
+        """Send events first, then caller audio; a write stuck for write_timeout is fatal
+        (the backend's watchdog calls :meth:`write_stalled`)."""
+        events, audio, clock = self._events, self._audio, self.loop.time
         try:
             while True:
                 if events:
-                    async with asyncio.timeout(timeout):
-                        await ws.send_str(events.popleft())
+                    self.writing_since = clock()
+                    await ws.send_str(events.pop(0))
                 elif audio:
-                    async with asyncio.timeout(timeout):
-                        await ws.send_bytes(audio.popleft())
+                    self.writing_since = clock()
+                    await ws.send_bytes(audio.pop(0))
                     self.counters["caller_frames_sent"] += 1
                 elif self._flush_and_stop:
                     return
                 else:
+                    self.writing_since = None
                     self._outgoing.clear()
                     await self._outgoing.wait()
-        except TimeoutError:
-            self.fail(
-                f"backend stalled: a write waited {timeout:g} s (the backend is not reading)",
-                CloseCode.BACKEND_STALLED,
-            )
         except (ConnectionError, aiohttp.ClientError):
             pass  # the reader reports the lost connection
+        finally:
+            self.writing_since = None
+
+    def write_stalled(self) -> None:
+        timeout = self.settings.write_timeout
+        self.fail(
+            f"backend stalled: a write waited {timeout:g} s (the backend is not reading)",
+            CloseCode.BACKEND_STALLED,
+        )
 
     def _send_event(self, text: str) -> None:
         if self.done and not self._flush_and_stop:
@@ -705,6 +741,42 @@ class _CallLink:
                 )
             )
         )
+
+
+class _Wakeup:
+    """An ``asyncio.Event`` for a single waiter (a call's writer or player task).
+
+    ``asyncio.Event`` keeps a deque of waiters, a 64-slot block per event, and looks up the
+    running loop (a ``getpid()`` system call) on every wait; these wake once per frame.
+    """
+
+    __slots__ = ("_is_set", "_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._is_set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        if self._is_set:
+            return
+        self._is_set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._is_set = False
+
+    async def wait(self) -> None:
+        if self._is_set:
+            return
+        assert self._waiter is None, "a _Wakeup has one waiter"
+        waiter = self._waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
 
 class _CallerStream:

@@ -34,7 +34,7 @@ import os
 import random
 import secrets
 import struct
-from collections import Counter, deque
+from collections import Counter
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -193,7 +193,7 @@ class CallerSession(CallStatus):
         self._dtls_configuration = dtls_configuration
         self._session_id = random.getrandbits(62)
         self._stream_id = secrets.token_hex(8)
-        self._events: deque[CallerEvent] = deque()
+        self._events: list[CallerEvent] = []  # a deque would hold a 64-slot block per call
         self._outgoing: list[bytes] = []
         self._closed_reason: str | None = None
         self._answered_at: float | None = None
@@ -438,7 +438,7 @@ class CallerSession(CallStatus):
         return min(due) if due else None
 
     def next_event(self) -> CallerEvent | None:
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     # ------------------------------------------------------------------- ICE
 

@@ -39,7 +39,6 @@ framing check of our own so that none of its exceptions can escape.
 import hmac
 import ipaddress
 import struct
-from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -202,7 +201,7 @@ class IceLiteSession:
         # Address -> time of its latest valid check, least recently checked first.
         self._last_check: dict[Address, float] = {}
         self._selected: Address | None = None
-        self._events: deque[IceEvent] = deque()
+        self._events: list[IceEvent] = []  # a deque would hold a 64-slot block per call
 
     # ------------------------------------------------------------------ inputs
 
@@ -237,7 +236,7 @@ class IceLiteSession:
 
     def next_event(self) -> IceEvent | None:
         """Return the oldest event not yet returned, or None."""
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     def get_timer(self) -> float | None:
         """Return when :meth:`handle_timer` is next due (the earliest consent expiry)."""

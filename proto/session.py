@@ -27,8 +27,8 @@ shutdown). Closing sends close_notify and an RTCP BYE when keys exist.
 from __future__ import annotations
 
 import os
-from collections import Counter, deque
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, replace
 
 from voxrelay.proto.dtls import (
     DtlsCertificate,
@@ -142,7 +142,10 @@ class CallSession(CallStatus):
         """``wall_offset`` turns ``now`` into Unix time (RTCP sender reports carry NTP
         wall-clock time, and proto/ never reads a clock itself)."""
         self.settings = settings or CallSettings()
-        self.answer = answer
+        self.answer = replace(answer, sdp="", remote_candidates=())
+        """The parameters the answer negotiated. Its SDP text and the offer's candidates
+        are not kept (ICE-lite answers checks from any address): every call would hold
+        another ~2 KiB."""
         self.ssrc = ssrc
         self.cname = cname
         self.created_at = now
@@ -166,7 +169,7 @@ class CallSession(CallStatus):
         self.drops: Counter[str] = Counter()
         """Datagrams dropped, by reason (for metrics and tests)."""
 
-        self._events: deque[CallEvent] = deque()
+        self._events: list[CallEvent] = []  # a deque would hold a 64-slot block per call
         self._outgoing: list[tuple[bytes, Address]] = []
         self._closed_reason: str | None = None
         self._ice_connected = False
@@ -294,7 +297,7 @@ class CallSession(CallStatus):
         return due
 
     def next_event(self) -> CallEvent | None:
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
 
     # ----------------------------------------------------------------- internals
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import math
 import sys
 from array import array
-from collections import deque
 from dataclasses import dataclass
 from typing import Final
 
@@ -101,7 +100,7 @@ class VoiceActivityDetector:
         self._loud_run: list[float] = []
         self._speech_started_at = 0.0
         self._last_loud_at = 0.0
-        self._events: deque[VadEvent] = deque()
+        self._events: list[VadEvent] = []  # a deque would hold a 64-slot block per call
 
     def process(self, pcm: bytes | bytearray | memoryview, now: float) -> None:
         """Feed one frame (little-endian int16 PCM) that arrived at ``now``."""
@@ -148,4 +147,4 @@ class VoiceActivityDetector:
         return self._last_loud_at + self.hangover if self.speaking else None
 
     def next_event(self) -> VadEvent | None:
-        return self._events.popleft() if self._events else None
+        return self._events.pop(0) if self._events else None
