@@ -108,6 +108,7 @@ SECTIONS: Final[dict[str, tuple[str, ...]]] = {
         "max_calls",
         "consent_timeout",
         "setup_timeout",
+        "heap_trim_interval",
         "certificate",
         "private_key",
     ),
@@ -274,6 +275,8 @@ class TransceiverConfig:
     max_calls: int = 10_000
     consent_timeout: float = 30.0
     setup_timeout: float = 20.0
+    heap_trim_interval: float = 10.0
+    """Seconds between returns of free heap pages to the kernel; 0 never."""
     certificate: Path | None = None
     """PEM certificate for DTLS (ECDSA); None generates one per process."""
     private_key: Path | None = None
@@ -864,6 +867,17 @@ def _parse_local_transceivers(table: _Table, registry: TransceiversConfig) -> Tr
             "private_key" if certificate is not None else "certificate",
             "certificate and private_key together (or neither, to generate one)",
         )
+    heap_trim_interval = table.get("heap_trim_interval")
+    if heap_trim_interval is _MISSING:
+        heap_trim_interval = 10.0
+    elif not _is_number(heap_trim_interval) or not (
+        heap_trim_interval == 0 or 1 <= heap_trim_interval <= 3600
+    ):
+        table.fail(
+            "heap_trim_interval",
+            "0 (off) or a number of seconds in 1..3600",
+            heap_trim_interval,
+        )
     return TransceiverConfig(
         count=count,
         first_id=first_id,
@@ -876,6 +890,7 @@ def _parse_local_transceivers(table: _Table, registry: TransceiversConfig) -> Tr
         max_calls=table.integer("max_calls", 10_000, 1, 1_000_000),
         consent_timeout=table.seconds("consent_timeout", 30.0, 5.0, 3600.0),
         setup_timeout=table.seconds("setup_timeout", 20.0, 1.0, 600.0),
+        heap_trim_interval=float(heap_trim_interval),
         certificate=certificate,
         private_key=private_key,
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -12,6 +13,8 @@ __all__ = [
     "die_with_parent",
     "free_port",
     "restart_backoff",
+    "trim_heap",
+    "trim_heap_every",
 ]
 
 STABLE_AFTER_SECONDS = 10.0
@@ -85,3 +88,36 @@ def die_with_parent(parent_pid: int) -> bool:
     )
     # The parent may have died before the prctl: we were then re-parented already.
     return os.getppid() == parent_pid
+
+
+def _malloc_trim():  # type: ignore[no-untyped-def]
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None).malloc_trim  # glibc
+    except (AttributeError, OSError):
+        return None
+
+
+_MALLOC_TRIM = _malloc_trim()
+
+
+def trim_heap() -> bool:
+    """Give the C heap's free pages back to the kernel (glibc's ``malloc_trim``); False
+    where there is none.
+
+    A burst of call setups (DTLS handshakes, WebSocket connects, 256 KiB socket reads)
+    leaves the heap with free pages between live allocations, which glibc keeps: in a
+    transcoding transceiver at 40 calls, about 2 MB, or 50 KiB per call, more than a
+    call's own state minus its codec. A trim costs well under a millisecond.
+    """
+    if _MALLOC_TRIM is None:
+        return False
+    _MALLOC_TRIM(0)
+    return True
+
+
+async def trim_heap_every(interval: float) -> None:
+    """Trim now and then every ``interval`` seconds, until cancelled (or no trim exists)."""
+    while trim_heap():
+        await asyncio.sleep(interval)

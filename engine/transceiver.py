@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import orjson
 
 from voxrelay.engine.backends import Backend, EchoBackend
-from voxrelay.engine.processes import TERMINATE_WAIT_SECONDS, die_with_parent
+from voxrelay.engine.processes import TERMINATE_WAIT_SECONDS, die_with_parent, trim_heap_every
 from voxrelay.proto.dtls import DtlsCertificate, generate_certificate, load_certificate
 from voxrelay.proto.errors import ProtocolError
 from voxrelay.proto.ice_lite import Address
@@ -92,6 +92,8 @@ class TransceiverSettings:
     max_sessions: int = 10_000
     consent_timeout: float = 30.0
     setup_timeout: float = 20.0
+    heap_trim_interval: float = 10.0
+    """Seconds between :func:`~voxrelay.engine.processes.trim_heap` calls; 0 never."""
     rtcp_interval: float = 5.0
     recv_buffer_bytes: int = 4 << 20
     send_buffer_bytes: int = 4 << 20
@@ -740,6 +742,11 @@ async def run(settings: TransceiverSettings, stop: asyncio.Event | None = None) 
     server = SignalingServer(transceiver)
     await server.start()
     heartbeat = _start_heartbeat(settings, transceiver)
+    trimmer = (
+        loop.create_task(trim_heap_every(settings.heap_trim_interval))
+        if settings.heap_trim_interval > 0
+        else None
+    )
     _publish(settings, transceiver, server)
     log.info(
         "transceiver started",
@@ -762,6 +769,8 @@ async def run(settings: TransceiverSettings, stop: asyncio.Event | None = None) 
         await server.stop()
         if heartbeat is not None:
             heartbeat.stop()
+        if trimmer is not None:
+            trimmer.cancel()
         _unpublish(settings)
 
 

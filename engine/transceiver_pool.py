@@ -136,6 +136,7 @@ class TransceiverPool:
             max_sessions=local.max_calls,
             consent_timeout=local.consent_timeout,
             setup_timeout=local.setup_timeout,
+            heap_trim_interval=local.heap_trim_interval,
             certificate_path=str(local.certificate) if local.certificate else None,
             private_key_path=str(local.private_key) if local.private_key else None,
             backend=cfg.backend.client_settings(),

@@ -296,6 +296,12 @@ def test_bundle_max_bytes_is_off_or_a_datagram_size(value: int) -> None:
     assert parse(f"[relay]\nbundle_max_bytes = {value}").relay.bundle_max_bytes == value
 
 
+@pytest.mark.parametrize(("text", "expected"), [("", 10.0), ("= 0", 0.0), ("= 2.5", 2.5)])
+def test_heap_trim_interval_is_off_or_seconds(text: str, expected: float) -> None:
+    config = parse(f"[transceiver]\nheap_trim_interval {text}" if text else "")
+    assert config.transceiver.heap_trim_interval == expected
+
+
 @pytest.mark.parametrize("value", [0, 1, 100, 200])
 def test_coalesce_us_is_off_or_a_short_sleep(value: int) -> None:
     assert parse(f"[relay]\ncoalesce_us = {value}").relay.coalesce_us == value
@@ -433,6 +439,14 @@ ERROR_CASES = [
         "relay.max_datagram: expected an integer in 576..65535, got 575",
     ),
     ("[relay]\nworkers = 0", "relay.workers: expected an integer in 1..1024, got 0"),
+    *(
+        (
+            f"[transceiver]\nheap_trim_interval = {value}",
+            "transceiver.heap_trim_interval: expected 0 (off) or a number of seconds in "
+            f"1..3600, got {shown}",
+        )
+        for value, shown in (("0.5", "0.5"), ("-1", "-1"), ("3601", "3601"), ('"10"', "'10'"))
+    ),
     ("[relay]\ncoalesce_us = 201", "relay.coalesce_us: expected an integer in 0..200, got 201"),
     ("[relay]\ncoalesce_us = -1", "relay.coalesce_us: expected an integer in 0..200, got -1"),
     ("[relay]\ncoalesce_us = 0.5", "relay.coalesce_us: expected an integer in 0..200, got 0.5"),
