@@ -1611,7 +1611,10 @@ def build_report(
             "memory per call: least-squares slope of proportional set size (PSS) over live "
             "calls, from the baseline before the ramp through each step. PSS divides each "
             "shared page among the processes that map it, so the relay's shared routing "
-            "table counts once for the fleet, not once per worker.",
+            "table counts once for the fleet, not once per worker. A step's own KiB per "
+            "call (PSS above the baseline over its calls) can be negative at small steps: "
+            "voxrelay's transceivers hand freed heap pages back every 10 s, so the "
+            "warm-up's garbage counted in the baseline may be gone by then.",
             "baselines: 'aiortc' (passthrough) is aiortc's full receive and send pipeline "
             "(RTCRtpReceiver with its jitter buffer and decoder thread, the track, "
             "RTCRtpSender) with Opus passed through undecoded - the targets' verdicts are "
