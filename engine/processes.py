@@ -44,7 +44,16 @@ def free_port(host: str, kind: int = socket.SOCK_DGRAM) -> int:
 
 
 TIMER_SLACK_NS = 5_000  # the kernel's default (50 us) would stretch a 100 us sleep by half
+_PR_SET_PDEATHSIG = 1
 _PR_SET_TIMERSLACK = 29
+
+
+def _prctl(option: int, value: int) -> None:
+    """Linux prctl(2) with one argument (the others unused)."""
+    import ctypes
+
+    unused = ctypes.c_ulong(0)
+    ctypes.CDLL(None).prctl(option, ctypes.c_ulong(value), unused, unused, unused)
 
 
 def set_timer_slack(nanoseconds: int) -> None:
@@ -53,13 +62,8 @@ def set_timer_slack(nanoseconds: int) -> None:
     Coalescing sleeps of ~100 us (relay workers, transceivers) need a tighter slack than
     the default 50 us.
     """
-    import ctypes
+    _prctl(_PR_SET_TIMERSLACK, nanoseconds)
 
-    unused = ctypes.c_ulong(0)
-    ctypes.CDLL(None).prctl(_PR_SET_TIMERSLACK, ctypes.c_ulong(nanoseconds), unused, unused, unused)
-
-
-_PR_SET_PDEATHSIG = 1
 
 TERMINATE_WAIT_SECONDS = 1.0
 """How long a supervised child that got SIGTERM waits for its fleet to start draining.
@@ -80,12 +84,7 @@ def die_with_parent(parent_pid: int) -> bool:
     supervisor's group reaches only the supervisor, which drains and then stops them.
     Without this, a supervisor killed with SIGKILL would leave them running unsupervised.
     """
-    import ctypes
-
-    unused = ctypes.c_ulong(0)
-    ctypes.CDLL(None).prctl(
-        _PR_SET_PDEATHSIG, ctypes.c_ulong(signal.SIGTERM), unused, unused, unused
-    )
+    _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     # The parent may have died before the prctl: we were then re-parented already.
     return os.getppid() == parent_pid
 
