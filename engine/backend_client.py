@@ -240,7 +240,7 @@ class WebSocketBackend:
         cancelled around every frame each call writes."""
         loop = asyncio.get_running_loop()
         limit = loop.time() - self.settings.write_timeout
-        for link in [link for link in self.links.values() if link.writing_since is not None]:
+        for link in list(self.links.values()):  # write_stalled() removes the link
             since = link.writing_since
             if since is not None and since <= limit:
                 link.write_stalled()
