@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import WSMsgType, web
 
-from voxrelay.engine.processes import trim_heap_every
+from voxrelay.engine.processes import HEAP_TRIM_INTERVAL, trim_heap_every
 from voxrelay.proto.backend_wire import (
     MAX_MESSAGE_BYTES,
     SUBPROTOCOL,
@@ -66,7 +66,7 @@ async def serve_app(
     if ready is not None:
         ready.set()
     # Calls come and go in bursts; give their freed memory back, as a transceiver does.
-    trimmer = asyncio.create_task(trim_heap_every(10.0))
+    trimmer = asyncio.create_task(trim_heap_every(HEAP_TRIM_INTERVAL))
     try:
         await asyncio.Event().wait()
     finally:

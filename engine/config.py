@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
+from voxrelay.engine.processes import HEAP_TRIM_INTERVAL
 from voxrelay.proto.token import MIN_SECRET_LENGTH, key_id_for
 
 __all__ = [
@@ -275,7 +276,7 @@ class TransceiverConfig:
     max_calls: int = 10_000
     consent_timeout: float = 30.0
     setup_timeout: float = 20.0
-    heap_trim_interval: float = 10.0
+    heap_trim_interval: float = HEAP_TRIM_INTERVAL
     """Seconds between returns of free heap pages to the kernel; 0 never."""
     certificate: Path | None = None
     """PEM certificate for DTLS (ECDSA); None generates one per process."""
@@ -869,7 +870,7 @@ def _parse_local_transceivers(table: _Table, registry: TransceiversConfig) -> Tr
         )
     heap_trim_interval = table.get("heap_trim_interval")
     if heap_trim_interval is _MISSING:
-        heap_trim_interval = 10.0
+        heap_trim_interval = HEAP_TRIM_INTERVAL
     elif not _is_number(heap_trim_interval) or not (
         heap_trim_interval == 0 or 1 <= heap_trim_interval <= 3600
     ):

@@ -8,6 +8,7 @@ import signal
 import socket
 
 __all__ = [
+    "HEAP_TRIM_INTERVAL",
     "STABLE_AFTER_SECONDS",
     "TERMINATE_WAIT_SECONDS",
     "die_with_parent",
@@ -87,6 +88,10 @@ def die_with_parent(parent_pid: int) -> bool:
     _prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
     # The parent may have died before the prctl: we were then re-parented already.
     return os.getppid() == parent_pid
+
+
+HEAP_TRIM_INTERVAL = 10.0
+"""Seconds between heap trims by default (transceivers' ``heap_trim_interval``, backends)."""
 
 
 def _malloc_trim():  # type: ignore[no-untyped-def]

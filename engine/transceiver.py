@@ -37,7 +37,12 @@ from dataclasses import dataclass, field
 import orjson
 
 from voxrelay.engine.backends import Backend, EchoBackend
-from voxrelay.engine.processes import TERMINATE_WAIT_SECONDS, die_with_parent, trim_heap_every
+from voxrelay.engine.processes import (
+    HEAP_TRIM_INTERVAL,
+    TERMINATE_WAIT_SECONDS,
+    die_with_parent,
+    trim_heap_every,
+)
 from voxrelay.proto.dtls import DtlsCertificate, generate_certificate, load_certificate
 from voxrelay.proto.errors import ProtocolError
 from voxrelay.proto.ice_lite import Address
@@ -92,7 +97,7 @@ class TransceiverSettings:
     max_sessions: int = 10_000
     consent_timeout: float = 30.0
     setup_timeout: float = 20.0
-    heap_trim_interval: float = 10.0
+    heap_trim_interval: float = HEAP_TRIM_INTERVAL
     """Seconds between :func:`~voxrelay.engine.processes.trim_heap` calls; 0 never."""
     rtcp_interval: float = 5.0
     recv_buffer_bytes: int = 4 << 20
